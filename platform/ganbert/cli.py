@@ -1,0 +1,140 @@
+"""The `ganbert` command line: `ganbert {phantom,preprocess,train,tune,report,synthesize,bench,demo} --help`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from ganbert import config as config_mod
+from ganbert.config import Config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(config_mod.PRESETS), default="paper",
+                   help="base configuration (default: paper)")
+    p.add_argument("--config", default=None, help="YAML file overriding the preset")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides, applied last")
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """Preset, then --config, then key=value overrides."""
+    return config_mod.load(args.preset, args.config, list(args.overrides))
+
+
+# --- handlers (imports are lazy so `ganbert --help` stays fast) ----------------------------------
+
+def _phantom(args: argparse.Namespace) -> int:
+    from ganbert.data import phantom
+    return phantom.main(args)
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from ganbert.data import preprocess
+    return preprocess.main(args, load_config(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ganbert.train import loop
+    return loop.main(args, load_config(args))
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from ganbert import tune
+    return tune.main(args, load_config(args))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ganbert import report
+    return report.main(args)
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from ganbert import synthesize
+    return synthesize.main(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ganbert import bench
+    return bench.main(args, load_config(args))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ganbert import demo
+    return demo.main(args, load_config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ganbert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        handlers[name] = handler
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("phantom", _phantom, "write an offline phantom cohort in ADNI download layout")
+    p.add_argument("--out", required=True, help="output folder (ADNI/ tree, collection CSV, ground truth)")
+    p.add_argument("--subjects", type=int, default=12)
+    p.add_argument("--tracers", default="AV45,AV1451,FDG", help="comma-separated tracers")
+    p.add_argument("--size", choices=("tiny", "demo", "paper"), default="tiny", help="raw volume sizes")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("preprocess", _preprocess, "pair, preprocess and shard an ADNI-layout download on Ray Data")
+    p.add_argument("--raw", required=True, help="download root holding the collection CSV(s) and ADNI/")
+    p.add_argument("--out", required=True, help="output folder for Parquet shards and manifest.json")
+    p.add_argument("--window-days", type=int, default=365, help="max days between a PET and its T1")
+    _config_args(p)
+
+    p = add("train", _train, "train on Ray Train (resumes when rerun with the same run.name)")
+    p.add_argument("--data", default=None, help="preprocessed shards (default: a cached phantom cohort)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or local SQLite)")
+    _config_args(p)
+
+    p = add("tune", _tune, "run a Ray Tune sweep from a YAML search space")
+    p.add_argument("--space", required=True, help="search_spaces/<name>.yaml")
+    p.add_argument("--data", default=None, help="preprocessed shards (default: a cached phantom cohort)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--samples", type=int, default=1, help="samples per grid point")
+    p.add_argument("--asha", action="store_true", help="ASHA early stopping on val PSNR")
+    p.add_argument("--max-concurrent", type=int, default=1)
+    _config_args(p)
+
+    p = add("report", _report, "write the method x tracer table (paper Tables 1/2) from MLflow")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--out", default="runs/report")
+
+    p = add("synthesize", _synthesize, "synthesise PET (4D NIfTI, original units) from T1 MRI")
+    p.add_argument("--model", required=True, help="MLflow model URI or a checkpoint/model directory")
+    p.add_argument("--mri", required=True, help="a T1 NIfTI, or a folder of them (Ray Data)")
+    p.add_argument("--out", required=True, help="output NIfTI, or a folder in folder mode")
+    p.add_argument("--tracking-uri", default=None)
+
+    p = add("bench", _bench, "print benchmark figures (and update BENCHMARKS.md)")
+    p.add_argument("what", choices=("step", "preprocess"))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
+    _config_args(p)
+
+    p = add("demo", _demo, "the main job: phantom cohort -> preprocess -> train -> evaluate -> synthesise")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--subjects", type=int, default=40)
+    _config_args(p)
+    p.set_defaults(preset="demo")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except ValueError as err:
+        print(f"ganbert {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
