@@ -255,8 +255,10 @@ def tiny() -> Config:
         sequence=SequenceConfig(length=64),
         model=ModelConfig(base_channels=4, max_channels=16, bert_hidden=32, bert_layers=2, bert_heads=2,
                           bert_intermediate=64, bert_max_positions=160, cnn_channels=8, cnn_layers=2),
+        # A 2-layer, 32-wide BERT separates a fixed batch at once; at the paper's lambda_nsp=20 its NSP
+        # gradient then stalls L1 for hundreds of steps, so tests weight L1 like pix2pix (100) and NSP at 1.
         optim=OptimConfig(batch_size=2, accumulation=1, epochs=2, amp=False, checkpointing=False,
-                          lr=1e-3, channels_last=False),
+                          lr=3e-3, lambda_nsp=1.0, lambda_l1=100.0, channels_last=False),
         run=RunConfig(name="tiny", workers=1, cpus_per_worker=1, log_every=1),
         preset="tiny",
     )

@@ -1,0 +1,57 @@
+"""Networks and the registry of the four methods of the paper's Table 1 (SPEC section 7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ganbert.config import Config
+from ganbert.models.bert_disc import BertDiscriminator
+from ganbert.models.cnn_disc import PatchGAN3D
+from ganbert.models.unet3d import UNet3D
+
+
+@dataclass(frozen=True)
+class Method:
+    """Generator head and which discriminators judge it."""
+
+    head: str
+    bert: bool
+    cnn: bool
+
+
+METHODS: dict[str, Method] = {
+    "pix2pix-tanh": Method(head="tanh", bert=False, cnn=True),
+    "pix2pix-tanhshrink": Method(head="tanhshrink", bert=False, cnn=True),
+    "ganbert": Method(head="tanhshrink", bert=True, cnn=False),
+    "ganbert-cnnd": Method(head="tanhshrink", bert=True, cnn=True),
+}
+
+
+@dataclass
+class Networks:
+    """The networks of one method; a discriminator the method does not use is None."""
+
+    generator: nn.Module
+    bert: nn.Module | None
+    cnn: nn.Module | None
+
+    def named(self) -> dict[str, nn.Module]:
+        return {k: v for k, v in (("generator", self.generator), ("bert", self.bert), ("cnn", self.cnn)) if v is not None}
+
+
+def build_generator(cfg: Config) -> UNet3D:
+    g, m = cfg.geometry, cfg.model
+    return UNet3D(g.mri_size[0], g.pet_size, g.pet_frames, cfg.sequence.length, m.base_channels, m.max_channels,
+                  METHODS[m.method].head, cfg.optim.checkpointing)
+
+
+def build_networks(cfg: Config) -> Networks:
+    """Build the generator and the method's discriminators from the config (nothing is downloaded)."""
+    method = METHODS[cfg.model.method]
+    return Networks(
+        generator=build_generator(cfg),
+        bert=BertDiscriminator(cfg) if method.bert else None,
+        cnn=PatchGAN3D(cfg.geometry.pet_frames, cfg.model.cnn_channels, cfg.model.cnn_layers) if method.cnn else None,
+    )
