@@ -1,0 +1,541 @@
+"""MLflow tracking for rank 0 (client API, explicit run ids) with a no-op twin, figures and the pyfunc model."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import re
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import yaml
+
+GENERATOR_FILE = "generator.safetensors"
+CONFIG_FILE = "config.yaml"
+MODEL_ARTIFACT = "model_dir"
+PARENT_TAG = "mlflow.parentRunId"
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+# MLflow's server-side limits (mlflow.utils.validation): checked here so a long value is truncated, not rejected.
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_LENGTH = 6000
+MAX_TAG_LENGTH = 8000
+
+# Packages the pyfunc model needs at load time (pinned to what is installed, see constraints.txt).
+MODEL_REQUIREMENTS = ("torch", "safetensors", "pyyaml", "numpy", "transformers", "mlflow")
+
+_URI_LOCK = threading.Lock()
+
+
+def default_tracking_uri(root: str | Path = "runs") -> str:
+    """`$MLFLOW_TRACKING_URI` if set, else `sqlite:///<abs root>/mlflow.db` (root is created)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    folder = Path(root).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """What training and tuning log through; MLflowTracker on rank 0, NullTracker elsewhere."""
+
+    run_id: str | None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_model(self, model_dir: Path) -> str | None: ...
+
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """The no-op tracker of non-zero ranks: same methods, logs nothing, run_id None."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Do nothing."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Do nothing."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Do nothing."""
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Do nothing."""
+
+    def log_model(self, model_dir: Path) -> str | None:
+        """Do nothing; no model URI."""
+        return None
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Do nothing."""
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        return None
+
+
+def _param_value(key: str, value: Any) -> str:
+    """MLflow param string: tuples/lists as `a,b`, truncated to MLflow's limit with a note."""
+    if isinstance(value, (tuple, list)):
+        text = ",".join(str(v) for v in value)
+    else:
+        text = str(value)
+    if len(text) > MAX_PARAM_LENGTH:
+        note = f"...[truncated {len(text)} chars]"
+        warnings.warn(f"MLflow param {key}: value of {len(text)} chars truncated to {MAX_PARAM_LENGTH}", stacklevel=3)
+        text = text[: MAX_PARAM_LENGTH - len(note)] + note
+    return text
+
+
+def _tag_value(value: Any) -> str:
+    text = str(value)
+    if len(text) > MAX_TAG_LENGTH:
+        note = f"...[truncated {len(text)} chars]"
+        text = text[: MAX_TAG_LENGTH - len(note)] + note
+    return text
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i: i + size] for i in range(0, len(items), size)]
+
+
+def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """For a local SQLite store: `<db folder>/mlartifacts/<experiment>` (MLflow would use ./mlruns of the cwd)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///"):])
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (db.parent / "mlartifacts" / safe).resolve().as_uri()
+
+
+def ensure_experiment(tracking_uri: str, experiment: str) -> str:
+    """Id of the named experiment, created if missing (tolerates a concurrent creator).
+
+    On a local SQLite store its artifacts go next to the database (`<db folder>/mlartifacts/<name>`).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not experiment:
+        raise ValueError("experiment must be a non-empty name")
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            raise ValueError(f"experiment {experiment!r} is deleted; restore it or pick another name")
+        return str(found.experiment_id)
+    try:
+        return str(client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri,
+                                                                                             experiment)))
+    except MlflowException:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return str(found.experiment_id)
+
+
+class MLflowTracker:
+    """Logs one MLflow run through MlflowClient with an explicit run id (no global active run).
+
+    Several trackers can coexist in one process (Tune trials, parent + children). Passing `run_id`
+    resumes logging into that existing run (training restarted after a crash).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None, run_id: str | None = None) -> None:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        if not tracking_uri:
+            raise ValueError("tracking_uri must be a non-empty MLflow URI")
+        if not experiment:
+            raise ValueError("experiment must be a non-empty name")
+        if not run_name:
+            raise ValueError("run_name must be a non-empty name")
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self._finished = False
+        all_tags = {k: _tag_value(v) for k, v in (tags or {}).items()}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        if run_id is not None:
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException as err:
+                raise ValueError(f"run_id {run_id!r}: no such run at {tracking_uri} ({err.message})") from None
+            self.run_id: str | None = run.info.run_id
+            self.experiment_id = str(run.info.experiment_id)
+            if run.info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            if all_tags:
+                self.set_tags(all_tags)
+        else:
+            self.experiment_id = ensure_experiment(tracking_uri, experiment)
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+            self.run_id = run.info.run_id
+
+    # --- logging --------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params in batches of 100; tuples become `a,b`; over-long values are truncated.
+
+        A param the run already has with another value (a resumed run with a changed config) is
+        not re-logged (MLflow params are immutable): it is recorded as tag `param_changed.<key>`.
+        """
+        from mlflow.entities import Param
+
+        assert self.run_id is not None
+        values = {str(k): _param_value(str(k), v) for k, v in params.items()}
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = {k: v for k, v in values.items() if k not in existing}
+        changed = {k: v for k, v in values.items() if k in existing and existing[k] != v}
+        for chunk in _chunks(sorted(fresh.items()), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk])
+        if changed:
+            warnings.warn(f"run {self.run_id}: params {sorted(changed)} already logged with other values; "
+                          "recorded as tags param_changed.<key>", stacklevel=2)
+            self.set_tags({f"param_changed.{k}": f"{existing[k]} -> {v}" for k, v in changed.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log scalar metrics at `step` (one timestamp), in batches of 1000."""
+        from mlflow.entities import Metric
+
+        assert self.run_id is not None
+        if int(step) != step or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        now = int(time.time() * 1000)
+        items: list[Metric] = []
+        for key, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"metric {key}: not a number: {value!r}") from None
+            items.append(Metric(str(key), number, now, int(step)))
+        for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file (or a directory's contents) under `artifact_path` of the run."""
+        assert self.run_id is not None
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        else:
+            raise ValueError(f"path {path}: no such file or directory to log as an artifact")
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set run tags (values truncated to MLflow's limit), in batches of 100."""
+        from mlflow.entities import RunTag
+
+        assert self.run_id is not None
+        items = [RunTag(str(k), _tag_value(v)) for k, v in tags.items()]
+        for chunk in _chunks(items, MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=chunk)
+
+    def log_model(self, model_dir: Path) -> str | None:
+        """Log the generator as a models-from-code pyfunc over `generator.safetensors` + `config.yaml`.
+
+        Returns the model URI (`models:/<model id>`); also set as run tag `model_uri`.
+        """
+        assert self.run_id is not None
+        info = log_pyfunc_model(self.tracking_uri, self.experiment_id, self.run_id, Path(model_dir))
+        self.set_tags({"model_uri": info})
+        return info
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run with `status` (FINISHED, FAILED or KILLED); later calls do nothing."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+        if self._finished or self.run_id is None:
+            return
+        self.client.set_terminated(self.run_id, status)
+        self._finished = True
+
+    def __enter__(self) -> MLflowTracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.finish("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
+
+
+def make_tracker(rank: int, **kwargs: Any) -> Tracker:
+    """MLflowTracker(**kwargs) on rank 0, NullTracker on every other rank."""
+    if int(rank) != rank or rank < 0:
+        raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
+    if rank == 0:
+        return MLflowTracker(**kwargs)
+    return NullTracker()
+
+
+def find_run(tracking_uri: str, experiment: str, run_name: str) -> str | None:
+    """Id of the latest run named `run_name` in `experiment`, or None (used to resume into it)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None or found.lifecycle_stage == "deleted":
+        return None
+    quoted = run_name.replace("\\", "\\\\").replace("'", "\\'")
+    runs = client.search_runs([found.experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+def save_png(fig: Any, path: Path) -> Path:
+    """Render a matplotlib Figure with the Agg canvas and write it atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _central_slices(vol: np.ndarray) -> list[np.ndarray]:
+    """Axial, coronal, sagittal central slices of a (X, Y, Z) RAS volume, rotated for display."""
+    x, y, z = (s // 2 for s in vol.shape)
+    return [np.rot90(vol[:, :, z]), np.rot90(vol[:, y, :]), np.rot90(vol[x, :, :])]
+
+
+def montage_png(mri: np.ndarray, real: np.ndarray, fake: np.ndarray, path: Path) -> Path:
+    """Central-slice montage: rows axial/coronal/sagittal, columns MRI / real / generated / generated - real.
+
+    mri: (D, H, W); real, fake: (T, d, h, w), frame 0 shown; the MRI is shown at its own size.
+    """
+    from matplotlib.figure import Figure
+
+    mri, real, fake = np.asarray(mri, np.float32), np.asarray(real, np.float32), np.asarray(fake, np.float32)
+    if mri.ndim != 3:
+        raise ValueError(f"mri must be (D, H, W), got shape {mri.shape}")
+    if real.ndim != 4:
+        raise ValueError(f"real must be (T, d, h, w), got shape {real.shape}")
+    if fake.shape != real.shape:
+        raise ValueError(f"fake must have the shape of real {real.shape}, got {fake.shape}")
+    pet_real, pet_fake = real[0], fake[0]
+    diff = pet_fake - pet_real
+    lo, hi = float(min(pet_real.min(), pet_fake.min())), float(max(pet_real.max(), pet_fake.max()))
+    dmax = float(np.abs(diff).max()) or 1.0
+    columns = [("MRI", _central_slices(mri), dict(cmap="gray")),
+               ("real PET", _central_slices(pet_real), dict(cmap="magma", vmin=lo, vmax=hi)),
+               ("generated PET", _central_slices(pet_fake), dict(cmap="magma", vmin=lo, vmax=hi)),
+               ("generated - real", _central_slices(diff), dict(cmap="RdBu_r", vmin=-dmax, vmax=dmax))]
+    fig = Figure(figsize=(10, 7.5))
+    fig.suptitle(f"central slices, PET frame 1 of {real.shape[0]}")
+    axes = fig.subplots(3, 4)
+    for col, (title, slices, style) in enumerate(columns):
+        for row, (name, image) in enumerate(zip(("axial", "coronal", "sagittal"), slices)):
+            ax = axes[row, col]
+            shown = ax.imshow(image, interpolation="nearest", **style)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title)
+            if col == 0:
+                ax.set_ylabel(name)
+            if row == 0 and col == 3:
+                fig.colorbar(shown, ax=axes[:, 3].tolist(), shrink=0.6)
+    return save_png(fig, path)
+
+
+def histogram_png(real: np.ndarray, fake: np.ndarray, path: Path, bins: int = 100) -> Path:
+    """Intensity histograms of real vs generated PET (any shapes) on shared bins, log count axis (paper Fig. 7)."""
+    from matplotlib.figure import Figure
+
+    if bins < 2:
+        raise ValueError(f"bins must be >= 2, got {bins}")
+    r = np.asarray(real, np.float64).ravel()
+    f = np.asarray(fake, np.float64).ravel()
+    r, f = r[np.isfinite(r)], f[np.isfinite(f)]
+    if r.size == 0 or f.size == 0:
+        raise ValueError("real and fake must each contain finite values")
+    lo, hi = float(min(r.min(), f.min())), float(max(r.max(), f.max()))
+    if hi <= lo:
+        hi = lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    count_r, _ = np.histogram(r, edges)
+    count_f, _ = np.histogram(f, edges)
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.stairs(count_r, edges, label="real PET", color="tab:blue", linewidth=1.5)
+    ax.stairs(count_f, edges, label="generated PET", color="tab:orange", linewidth=1.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("intensity")
+    ax.set_ylabel("voxel count (log)")
+    ax.legend()
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+# --- the MLflow model ---------------------------------------------------------------------------
+
+def _check_model_dir(model_dir: Path) -> None:
+    missing = [name for name in (GENERATOR_FILE, CONFIG_FILE) if not (model_dir / name).is_file()]
+    if missing:
+        raise ValueError(f"model_dir {model_dir}: missing {', '.join(missing)}")
+
+
+def model_requirements() -> list[str]:
+    """Pinned pip requirements of the pyfunc model (the installed versions)."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in MODEL_REQUIREMENTS]
+
+
+def model_signature(model_dir: Path) -> Any:
+    """Signature from config.yaml: input "mri" float32 (-1, 1, D, H, W), output float32 (-1, T, d, h, w),
+    param batch_size (int, default 1)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from ganbert import config as config_mod
+
+    path = Path(model_dir) / CONFIG_FILE
+    try:
+        cfg = config_mod.from_dict(yaml.safe_load(path.read_text()) or {})
+    except (OSError, yaml.YAMLError, TypeError) as err:
+        raise ValueError(f"model config {path}: {err}") from None
+    g = cfg.geometry
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, *g.mri_size), "mri")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, g.pet_frames, *g.pet_size))]),
+        params=ParamSchema([ParamSpec("batch_size", "integer", 1)]),
+    )
+
+
+def log_pyfunc_model(tracking_uri: str, experiment_id: str, run_id: str, model_dir: Path) -> str:
+    """Log `model_dir` (generator.safetensors + config.yaml) as a models-from-code pyfunc of run `run_id`.
+
+    The code file is ganbert/pyfunc_model.py; the ganbert package travels as code_paths, the
+    requirements are pinned (no inference run). Returns the model URI `models:/<model id>`.
+    """
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    model_dir = Path(model_dir)
+    _check_model_dir(model_dir)
+    package = Path(__file__).resolve().parent
+    client = mlflow.MlflowClient(tracking_uri)
+    # mlflow.pyfunc.log_model needs a fluent active run and files the LoggedModel under the fluent
+    # experiment; instead create the LoggedModel in the run's experiment and call Model.log (what
+    # pyfunc.log_model calls) with explicit ids. Model.log reads the global tracking URI: set it for
+    # this call only, under a lock.
+    params = {k: v for k, v in client.get_run(run_id).data.params.items()}
+    logged = client.create_logged_model(experiment_id=experiment_id, name="model", source_run_id=run_id,
+                                        params=params, model_type="ganbert-generator")
+    with _URI_LOCK, _use_tracking_uri(tracking_uri), warnings.catch_warnings():
+        # No input example on purpose: one paper-size MRI is 64 MiB; the signature describes the input.
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        info = Model.log(
+            artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
+            python_model=str(package / "pyfunc_model.py"),
+            artifacts={MODEL_ARTIFACT: str(model_dir)},
+            code_paths=[str(package)],
+            pip_requirements=model_requirements(),
+            signature=model_signature(model_dir),
+            flavor_name="pyfunc.ModelFromCode",
+        )
+    return str(info.model_uri)
+
+
+@contextlib.contextmanager
+def _use_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """Temporarily make `tracking_uri` MLflow's global tracking URI (for APIs without a client argument).
+
+    Restores both the previous global URI and `$MLFLOW_TRACKING_URI` (MLflow's own helper unsets the
+    variable when no global URI was set before).
+    """
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_global = tracking_utils._tracking_uri
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    tracking_utils.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        tracking_utils.set_tracking_uri(old_global)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+def _artifact_subdir(local_model: Path) -> Path:
+    """The `model_dir` artifact folder of a saved pyfunc model folder (reads its MLmodel)."""
+    meta = yaml.safe_load((local_model / "MLmodel").read_text()) or {}
+    entry = meta.get("flavors", {}).get("python_function", {}).get("artifacts", {}).get(MODEL_ARTIFACT)
+    if not entry or "path" not in entry:
+        raise ValueError(f"model {local_model}: MLmodel has no {MODEL_ARTIFACT!r} artifact (not a ganbert model)")
+    return local_model / entry["path"]
+
+
+def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
+    """A local folder with generator.safetensors + config.yaml for `uri`.
+
+    `uri` is such a folder (returned as is), a saved/downloaded pyfunc model folder (has MLmodel), or an
+    MLflow model URI (`models:/<id>`, `runs:/<run>/model`, ...) that is downloaded into `dst` (default:
+    a fresh temp folder) with mlflow.artifacts.download_artifacts.
+    """
+    if not uri:
+        raise ValueError("uri must be a model directory or an MLflow model URI")
+    local = Path(uri).expanduser()
+    if local.is_dir():
+        if (local / GENERATOR_FILE).is_file() and (local / CONFIG_FILE).is_file():
+            return local
+        if (local / "MLmodel").is_file():
+            found = _artifact_subdir(local)
+            _check_model_dir(found)
+            return found
+        raise ValueError(f"model {uri}: folder has neither {GENERATOR_FILE} + {CONFIG_FILE} nor an MLmodel")
+    if "://" not in uri and ":/" not in uri:
+        raise ValueError(f"model {uri}: not a folder and not an MLflow URI (runs:/..., models:/...)")
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    if tracking_uri is None:
+        tracking_uri = default_tracking_uri()
+    if dst is None:
+        dst = tempfile.mkdtemp(prefix="ganbert-model-")
+    try:
+        # models:/ URIs are resolved against the global tracking URI whatever tracking_uri= says.
+        with _URI_LOCK, _use_tracking_uri(tracking_uri):
+            downloaded = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
+                                                             tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    except MlflowException as err:
+        raise ValueError(f"model {uri}: cannot download ({err.message})") from None
+    found = _artifact_subdir(Path(downloaded))
+    _check_model_dir(found)
+    return found
