@@ -395,3 +395,15 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     return value
+
+
+def load_file(path: str | Path) -> Config:
+    """A whole config as `save` wrote it (every section), validated."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"config file {path}: {err}") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"config file {path}: expected a mapping of sections")
+    return from_dict(tree)

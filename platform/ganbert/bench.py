@@ -1,0 +1,138 @@
+"""Benchmarks that print figures: `ganbert bench step --preset tiny [--write]`, `ganbert bench preprocess`."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import platform as stdlib_platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ganbert import config as config_mod
+from ganbert.config import Config
+from ganbert.models import METHODS, build_networks
+from ganbert.train.device import pick_device, place_networks
+from ganbert.train.step import Batch, gan_step, make_optimisers, seed_everything
+
+BENCHMARKS = Path("BENCHMARKS.md")
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """Peak memory in MiB: GPU memory allocated (CUDA), else the process's peak resident set size."""
+    out: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    yield out
+    if device.type == "cuda":
+        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def isolated_step_figures(cfg: Config, steps: int, device: torch.device) -> dict[str, float]:
+    """`step_figures` on CUDA in-process; on CPU in a fresh process so its peak RSS is this config's alone."""
+    if device.type == "cuda":
+        return step_figures(cfg, steps, device)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(step_figures, (cfg, steps, device))
+
+
+def step_figures(cfg: Config, steps: int, device: torch.device) -> dict[str, float]:
+    """Samples/s and peak memory of `gan_step` for one config (random data of the config's geometry)."""
+    seed_everything(cfg.run.seed)
+    g, o = cfg.geometry, cfg.optim
+    nets = place_networks(build_networks(cfg), cfg, device)
+    opt = make_optimisers(nets, cfg, steps + 1)
+    fmt = torch.channels_last_3d if o.channels_last else torch.contiguous_format
+    micro = [Batch(torch.randn(o.batch_size, 1, *g.mri_size, device=device).to(memory_format=fmt),
+                   torch.randn(o.batch_size, g.pet_frames, *g.pet_size, device=device).to(memory_format=fmt))
+             for _ in range(o.accumulation)]
+    with peak_memory(device) as mem:
+        gan_step(micro, nets, opt, cfg)  # warm-up (and compilation)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            gan_step(micro, nets, opt, cfg)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    samples = steps * o.batch_size * o.accumulation
+    return {"samples_per_s": samples / seconds, "s_per_step": seconds / steps, "peak_mib": mem["peak_mib"]}
+
+
+def bench_step(cfg: Config, steps: int) -> list[dict[str, object]]:
+    """Per method: the preset's speed options (bf16 on GPU, channels-last, compile as set) vs all off."""
+    device = pick_device()
+    rows = []
+    for method in METHODS:
+        fast_cfg = config_mod.apply(cfg, {"model.method": method, "optim.amp": True, "optim.channels_last": True})
+        plain_cfg = config_mod.apply(cfg, {"model.method": method, "optim.amp": False, "optim.channels_last": False,
+                                           "optim.compile": False})
+        fast = isolated_step_figures(fast_cfg, steps, device)
+        plain = isolated_step_figures(plain_cfg, steps, device)
+        rows.append({"method": method, "fast": fast, "plain": plain,
+                     "speedup": fast["samples_per_s"] / plain["samples_per_s"]})
+        print(f"{method:20s} fast {fast['samples_per_s']:8.2f} samples/s peak {fast['peak_mib']:8.0f} MiB | "
+              f"plain {plain['samples_per_s']:8.2f} samples/s peak {plain['peak_mib']:8.0f} MiB | "
+              f"speed-up x{rows[-1]['speedup']:.2f}", flush=True)
+    return rows
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {stdlib_platform.machine()}, torch {torch.__version__})"
+
+
+def write_section(title: str, lines: list[str], path: Path = BENCHMARKS) -> None:
+    """Replace (or append) the `## title` section of BENCHMARKS.md, atomically."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures printed by `ganbert bench ...`.\n"
+    head = f"## {title}\n"
+    section = head + "\n".join(lines) + "\n"
+    if head in text:
+        start = text.index(head)
+        end = text.find("\n## ", start + len(head))
+        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    if args.what == "preprocess":
+        from ganbert.data.preprocess import bench_preprocess
+        figures = bench_preprocess(cfg)
+        lines = [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in figures.items()]
+    else:
+        device = pick_device()
+        o = cfg.optim
+        print(f"bench step: preset {cfg.preset}, batch {o.batch_size} x accumulation {o.accumulation}, "
+              f"{args.steps} steps, checkpointing {o.checkpointing}, compile {o.compile}, on {_machine(device)}")
+        rows = bench_step(cfg, args.steps)
+        lines = [f"Command: `ganbert bench step --preset {cfg.preset} --steps {args.steps}` on {_machine(device)}; "
+                 f"batch {o.batch_size} x accumulation {o.accumulation}, checkpointing {o.checkpointing}. "
+                 "fast = bf16 autocast (GPU only) + channels-last"
+                 + (" + torch.compile" if o.compile else "") + "; plain = fp32, no channels-last, no compile.", "",
+                 "| method | fast samples/s | fast peak MiB | plain samples/s | plain peak MiB | speed-up |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['method']} | {r['fast']['samples_per_s']:.2f} | {r['fast']['peak_mib']:.0f} | "
+                  f"{r['plain']['samples_per_s']:.2f} | {r['plain']['peak_mib']:.0f} | x{r['speedup']:.2f} |"
+                  for r in rows]
+        title = f"Train step, {cfg.preset} preset, {'GPU' if device.type == 'cuda' else 'CPU'}"
+        if args.write:
+            write_section(title, lines)
+        return 0
+    if args.write:
+        write_section("Preprocessing and loader", lines)
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,134 @@
+"""Checkpoints without pickle: safetensors for networks and optimiser tensors, JSON/YAML for the rest."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from ganbert import config as config_mod
+from ganbert.config import Config
+from ganbert.models import Networks, build_generator
+from ganbert.train.step import Optimisers, unwrap
+
+STATE = "state.json"
+GENERATOR = "generator.safetensors"
+
+
+def _atomic_dir(path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _split_optimiser(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimiser/scheduler state_dict -> (flat tensors, JSON-able rest with tensor keys referenced)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(value, dict):
+            return {"__dict__": [[k, walk(v, f"{key}.{k}")] for k, v in value.items()]}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{key}.{i}") for i, v in enumerate(value)]
+        return value
+
+    return tensors, walk(state, "s")
+
+
+def _join_optimiser(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, dict) and "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if isinstance(tree, dict) and "__dict__" in tree:
+        return {k: _join_optimiser(v, tensors) for k, v in tree["__dict__"]}
+    if isinstance(tree, list):
+        return [_join_optimiser(v, tensors) for v in tree]
+    return tree
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Torch (CPU, CUDA) RNG states as tensors; NumPy and Python states as JSON lists."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py = random.getstate()
+    return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": [py[0], list(py[1]), py[2]]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], lists: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, gauss = lists["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, state, gauss_py = lists["python"]
+    random.setstate((version, tuple(state), gauss_py))
+
+
+def save_model_dir(path: Path, cfg: Config, generator: nn.Module) -> Path:
+    """`generator.safetensors` + `config.yaml`: what `ganbert synthesize` and the MLflow model load."""
+    path = Path(path)
+    tmp = _atomic_dir(path)
+    save_model(unwrap(generator), str(tmp / GENERATOR))
+    config_mod.save(cfg, tmp / "config.yaml")
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.replace(path)
+    return path
+
+
+def load_generator(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
+    """Generator (eval mode) and config from a model directory or a checkpoint directory."""
+    path = Path(path)
+    for name in (GENERATOR, "config.yaml"):
+        if not (path / name).is_file():
+            raise ValueError(f"model directory {path}: missing {name}")
+    cfg = config_mod.load_file(path / "config.yaml")
+    generator = build_generator(cfg)
+    load_model(generator, str(path / GENERATOR), device=str(device))
+    return generator.to(device).eval(), cfg
+
+
+def save_state(path: Path, cfg: Config, nets: Networks, opt: Optimisers, meta: dict[str, Any]) -> Path:
+    """A whole training state in `path` (atomic): every network, optimiser and scheduler, RNG, config, meta."""
+    path = Path(path)
+    tmp = _atomic_dir(path)
+    for name, module in nets.named().items():
+        save_model(unwrap(module), str(tmp / f"{name}.safetensors"))
+    tensors, tree = _split_optimiser(opt.state_dict())
+    save_file(tensors, str(tmp / "optim.safetensors"))
+    rng_tensors, rng_lists = rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    (tmp / STATE).write_text(json.dumps({"meta": meta, "optim": tree, "rng": rng_lists}))
+    config_mod.save(cfg, tmp / "config.yaml")
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.replace(path)
+    return path
+
+
+def load_state(path: Path, nets: Networks, opt: Optimisers, device: torch.device | str = "cpu",
+               restore_rng: bool = True) -> dict[str, Any]:
+    """Load what `save_state` wrote into `nets` and `opt`; return its meta dict."""
+    path = Path(path)
+    if not (path / STATE).is_file():
+        raise ValueError(f"checkpoint {path}: missing {STATE}")
+    for name, module in nets.named().items():
+        load_model(unwrap(module), str(path / f"{name}.safetensors"), device=str(device))
+    state = json.loads((path / STATE).read_text())
+    opt.load_state_dict(_join_optimiser(state["optim"], load_file(str(path / "optim.safetensors"),
+                                                                  device=str(device))))
+    if restore_rng:
+        set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state["meta"]
