@@ -61,3 +61,24 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Preprocessed shards of a tiny phantom cohort (12 subjects, 3 tracers), built once per session."""
+    from ganbert import config
+    from ganbert.data.preprocess import ensure_phantom
+
+    return str(ensure_phantom(config.tiny(), tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """An embedded local Ray with 4 logical CPUs (2 Train workers + Ray Data reads on 2 cores)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()

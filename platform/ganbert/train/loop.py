@@ -1,0 +1,245 @@
+"""Ray Train boundary: `ganbert train --preset tiny [--data DIR] [key=value ...]` runs the GAN on a TorchTrainer.
+
+Rerunning the same command (same run.name and run.storage) resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from ganbert import metrics
+from ganbert.config import Config, from_dict
+from ganbert.data import loader
+from ganbert.models import build_networks
+from ganbert.tracking import Tracker, default_tracking_uri, histogram_png, make_tracker, montage_png
+from ganbert.train.checkpoint import load_state, save_model_dir, save_state
+from ganbert.train.device import place_networks
+from ganbert.train.step import Batch, gan_step, make_optimisers, seed_everything, to_batch
+
+FAULT_ENV = "GANBERT_FAULT_AT"  # "epoch:step:rank:marker-file": SIGKILL that worker once (failure tests)
+
+
+@dataclass
+class TrainResult:
+    """What a finished `fit` tells the caller."""
+
+    metrics: dict[str, Any]
+    checkpoint: str | None
+    best_checkpoint: str | None
+    model_uri: str | None
+    run_id: str | None
+    model_dir: str | None
+
+
+def steps_per_epoch(cfg: Config, train_rows: int) -> int:
+    """Optimiser steps per epoch for `train_rows` rows split over the workers (whole accumulation groups)."""
+    o = cfg.optim
+    steps = train_rows // cfg.run.workers // o.batch_size // o.accumulation
+    if steps < 1:
+        raise ValueError(f"{train_rows} training rows are too few for {cfg.run.workers} workers x batch "
+                         f"{o.batch_size} x accumulation {o.accumulation}")
+    return steps
+
+
+def _micro_batches(cfg: Config, shard: Any, epoch: int, device: torch.device) -> Iterator[list[Batch]]:
+    """Groups of `accumulation` normalised micro-batches from this worker's shard (order fixed by seed+epoch)."""
+    group: list[Batch] = []
+    for raw in loader.torch_batches(shard, cfg.optim.batch_size, shuffle_seed=cfg.run.seed + epoch, drop_last=True):
+        group.append(to_batch(raw, device))
+        if len(group) == cfg.optim.accumulation:
+            yield group
+            group = []
+
+
+def _maybe_fault(spec: str | None, epoch: int, step: int, rank: int) -> None:
+    """Failure drill: SIGKILL this worker once at (epoch, step, rank) given by $GANBERT_FAULT_AT."""
+    if not spec:
+        return
+    e, s, r, marker = spec.split(":", 3)
+    if (int(e), int(s), int(r)) == (epoch, step, rank) and not Path(marker).exists():
+        Path(marker).write_text(f"killed rank {rank} at epoch {epoch} step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@torch.no_grad()
+def validate(cfg: Config, generator: torch.nn.Module, data_dir: str, device: torch.device,
+             figures: Path | None = None) -> dict[str, float]:
+    """Mean val PSNR/SSIM/RMSE (restored PET units, paper range) and on [0,1]; optional montage/histogram PNGs."""
+    generator.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for row in loader.read_rows(data_dir, "val", cfg.geometry.tracer):
+        raw = {"mri": torch.from_numpy(np.array(row["mri"]))[None], "pet": torch.from_numpy(np.array(row["pet"]))[None],
+               "mri_mean": torch.tensor([row["mri_mean"]]), "mri_std": torch.tensor([row["mri_std"]])}
+        batch = to_batch(raw, device)
+        fake = metrics.restore_pet(generator(batch.mri).float(), raw["mri_mean"].to(device), raw["mri_std"].to(device))
+        real = raw["pet"].to(device, torch.float32)
+        for key, value in metrics.evaluate(fake, real).items():
+            sums[key] = sums.get(key, 0.0) + float(value.sum())
+        if figures is not None and n == 0:
+            figures.mkdir(parents=True, exist_ok=True)
+            montage_png(np.asarray(row["mri"])[0], real[0].cpu().numpy(), fake[0].cpu().numpy(), figures / "montage.png")
+            histogram_png(real[0].cpu().numpy(), fake[0].cpu().numpy(), figures / "histogram.png")
+        n += 1
+    generator.train()
+    if n == 0:
+        raise ValueError(f"no validation rows for tracer {cfg.geometry.tracer} in {data_dir}")
+    return {f"val_{k}": v / n for k, v in sums.items()}
+
+
+def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: resume if a checkpoint exists, then epochs of GAN steps."""
+    cfg = from_dict(loop_cfg["config"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    seed_everything(cfg.run.seed, rank)
+    nets = build_networks(cfg)
+    per_epoch = loop_cfg["steps_per_epoch"]
+    opt = make_optimisers(nets, cfg, per_epoch * cfg.optim.epochs)
+    meta: dict[str, Any] = {"epoch": -1, "step": 0, "mlflow_run_id": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            meta = load_state(Path(d), nets, opt, device="cpu", restore_rng=rank == 0)
+    nets = place_networks(nets, cfg, device)
+    for name, module in nets.named().items():
+        setattr(nets, name, ray.train.torch.prepare_model(module, move_to_device=False))
+    tracker: Tracker = make_tracker(rank, tracking_uri=loop_cfg["tracking_uri"], experiment=cfg.run.experiment,
+                                    run_name=cfg.run.name, run_id=meta["mlflow_run_id"],
+                                    parent_run_id=loop_cfg.get("parent_run_id"), tags=loop_cfg.get("tags"))
+    if meta["epoch"] < 0:
+        tracker.log_params(cfg.flat())
+    step = meta["step"]
+    for epoch in range(meta["epoch"] + 1, cfg.optim.epochs):
+        seed_everything(cfg.run.seed + 1000 * (epoch + 1), rank)
+        started, sums, k = time.perf_counter(), {}, 0
+        shard = ray.train.get_dataset_shard("train")
+        for k, group in enumerate(_micro_batches(cfg, shard, epoch, device)):
+            if k >= per_epoch:
+                continue  # drain the shard so every worker finishes the epoch together
+            _maybe_fault(loop_cfg.get("fault"), epoch, k, rank)
+            for key, value in gan_step(group, nets, opt, cfg).items():
+                sums[key] = sums.get(key, 0.0) + value
+            step += 1
+            if rank == 0 and cfg.run.log_every and step % cfg.run.log_every == 0:
+                print(f"[train] epoch {epoch} step {step} " + " ".join(f"{a}={b:.4f}" for a, b in
+                      sorted(group_losses(sums, k + 1).items())), flush=True)
+        report: dict[str, Any] = {f"train_{a}": b for a, b in group_losses(sums, min(k + 1, per_epoch)).items()}
+        report.update(epoch=epoch, step=step, epoch_seconds=time.perf_counter() - started)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                figures = Path(tmp) / "figures"
+                report.update(validate(cfg, nets.generator, loop_cfg["data_dir"], device, figures))
+                meta = {"epoch": epoch, "step": step, "mlflow_run_id": tracker.run_id, "val_psnr": report["val_psnr"]}
+                save_state(Path(tmp) / "state", cfg, nets, opt, meta)
+                tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
+                for png in sorted(figures.glob("*.png")):
+                    tracker.log_artifact(png, f"figures/epoch_{epoch:04d}")
+                print(f"[val] epoch {epoch}: " + " ".join(f"{a}={float(b):.4f}" for a, b in sorted(report.items())
+                                                         if a.startswith("val_")), flush=True)
+                ckpt = ray.train.Checkpoint.from_directory(str(Path(tmp) / "state"))
+            ray.train.report(report, checkpoint=ckpt)
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = save_model_dir(Path(loop_cfg["model_dir"]), cfg, nets.generator)
+            config_path = Path(tmp) / "config.yaml"
+            config_path.write_text((model_dir / "config.yaml").read_text())
+            tracker.log_artifact(config_path)
+            uri = tracker.log_model(model_dir)
+            if uri:
+                tracker.set_tags({"ganbert.model_uri": uri})
+                (model_dir / "MODEL_URI").write_text(uri + "\n")
+    tracker.finish()
+
+
+def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
+    """Means of summed per-step losses (lr is the last, not a mean)."""
+    return {a: (b / max(count, 1) if a != "lr" else b) for a, b in sums.items()}
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to a cluster given by RAY_ADDRESS, else start an embedded local Ray (no dashboard)."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        print(f"[ray] local Ray started; dashboard at http://{ray.get_runtime_context().dashboard_url or '127.0.0.1:8265'}",
+              flush=True)
+
+
+def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
+                tags: dict[str, str] | None = None, callbacks: list[Any] | None = None) -> ray.train.torch.TorchTrainer:
+    """The `TorchTrainer` of one run: datasets from the shards, best-by-val-PSNR checkpoints, retries."""
+    tracer, g = cfg.geometry.tracer, cfg.geometry
+    train_ds = loader.read_split(data_dir, "train", tracer, g)
+    loader.read_split(data_dir, "val", tracer, g)  # fails early if the val split is missing
+    storage = str(Path(cfg.run.storage).resolve())
+    loop_cfg = {"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "tracking_uri": tracking_uri,
+                "steps_per_epoch": steps_per_epoch(cfg, loader.count_rows(data_dir, "train", tracer)),
+                "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV),
+                "model_dir": str(Path(storage) / cfg.run.name / "model")}
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu,
+                                               resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=storage, callbacks=callbacks,
+            # Train V2 turns worker print() into log records that never reach the console; keep our progress.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_psnr",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
+        datasets={"train": train_ds},
+        dataset_config=loader.train_data_config(),  # preserve_order: the same split every run (exact resume)
+    )
+
+
+def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainResult:
+    """Train (or resume) one run; returns final metrics, checkpoints and the MLflow model URI."""
+    result = trainer_for(cfg, data_dir, tracking_uri, **kwargs).fit()
+    model_dir = Path(cfg.run.storage).resolve() / cfg.run.name / "model"
+    uri_file = model_dir / "MODEL_URI"
+    best = result.best_checkpoints[0][0].path if result.best_checkpoints else None
+    return TrainResult(metrics=dict(result.metrics or {}), checkpoint=result.checkpoint.path if result.checkpoint else None,
+                       best_checkpoint=best, model_uri=uri_file.read_text().strip() if uri_file.exists() else None,
+                       run_id=None, model_dir=str(model_dir) if model_dir.exists() else None)
+
+
+def data_dir_for(cfg: Config, data: str | None) -> str:
+    """`--data`, else a phantom cohort of the config's geometry built and cached on first use."""
+    if data:
+        return data
+    from ganbert.data.preprocess import ensure_phantom
+    return str(ensure_phantom(cfg, Path("runs/cache")))
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    data_dir = data_dir_for(cfg, args.data)
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    ensure_ray()
+    print(f"[train] run {cfg.run.name} ({cfg.model.method}, {cfg.geometry.tracer}, preset {cfg.preset}) on "
+          f"{cfg.run.workers} worker(s); data {data_dir}; tracking {tracking_uri}", flush=True)
+    out = fit(cfg, data_dir, tracking_uri)
+    print("[train] final: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(out.metrics.items())
+                                       if isinstance(v, float) and k.startswith("val_")))
+    print(f"checkpoint: {out.checkpoint}\nbest checkpoint: {out.best_checkpoint}\nmodel: {out.model_uri or out.model_dir}"
+          f"\ntracking: {tracking_uri}")
+    return 0

@@ -1,0 +1,95 @@
+"""Ray Tune sweeps: `ganbert tune --space search_spaces/masking.yaml --preset tiny` (resumes after a crash).
+
+Each trial is a driver function that builds and fits a `TorchTrainer` (Train V2) reporting to Tune through
+`TuneReportCallback`; one MLflow parent run per sweep, a child run per trial tagged with its swept values.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from ganbert import config as config_mod
+from ganbert.config import Config
+from ganbert.search_space import load_space, trial_overrides
+from ganbert.tracking import MLflowTracker, default_tracking_uri, find_run
+from ganbert.train.loop import data_dir_for, ensure_ray, trainer_for
+
+
+def trial_config(base: Config, swept: dict[str, Any], sweep: str, trial_id: str) -> Config:
+    """The run config of one trial: base + swept overrides, its own run name under the sweep's storage."""
+    cfg = config_mod.apply(base, trial_overrides(swept))
+    storage = str(Path(base.run.storage) / sweep)
+    return config_mod.apply(cfg, {"run.name": f"{sweep}-{trial_id}", "run.storage": storage})
+
+
+def run_trial(swept: dict[str, Any], base: dict[str, Any], sweep: str, data_dir: str, tracking_uri: str,
+              parent_run_id: str | None) -> None:
+    """Tune driver function: fit one TorchTrainer with the trial's config (resumes its own checkpoints)."""
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(config_mod.from_dict(base), swept, sweep, trial_id)
+    tags = {"ganbert.sweep": sweep, **{f"swept.{k}": str(v) for k, v in trial_overrides(swept).items()}}
+    trainer_for(cfg, data_dir, tracking_uri, parent_run_id=parent_run_id, tags=tags,
+                callbacks=[TuneReportCallback()]).fit()
+
+
+def sweep_name(space_path: str | Path, cfg: Config) -> str:
+    return f"{cfg.run.name}-{Path(space_path).stem}"
+
+
+def run_sweep(space_path: str | Path, cfg: Config, data_dir: str, tracking_uri: str, max_concurrent: int = 1,
+              asha: bool = False) -> tune.ResultGrid:
+    """Run (or resume) the sweep of `space_path` over `cfg`; returns Tune's results."""
+    space = load_space(space_path, cfg)
+    name = sweep_name(space_path, cfg)
+    storage = Path(cfg.run.storage).resolve()
+    parent = MLflowTracker(tracking_uri, cfg.run.experiment, name, run_id=find_run(tracking_uri, cfg.run.experiment, name),
+                           tags={"ganbert.sweep": name, "ganbert.space": Path(space_path).name})
+    parent.log_params({f"space.{k}": v for k, v in space.specs.items()})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg.to_dict(), sweep=name, data_dir=data_dir,
+                             tracking_uri=tracking_uri, parent_run_id=parent.run_id),
+        {"CPU": 0.01})  # the driver only waits: the CPUs go to the Train workers
+    path = storage / name
+    if tune.Tuner.can_restore(str(path)):
+        print(f"[tune] resuming sweep {name} from {path}", flush=True)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    else:
+        scheduler = ASHAScheduler(max_t=cfg.optim.epochs, grace_period=1, time_attr="epoch") if asha else None
+        tuner = tune.Tuner(
+            trainable, param_space=space.param_space,
+            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
+                                        max_concurrent_trials=max_concurrent, scheduler=scheduler),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage)))
+    try:
+        results = tuner.fit()
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    best = results.get_best_result() if len(results) else None
+    if best is not None and best.metrics:
+        parent.log_metrics({f"best_{space.metric}": float(best.metrics.get(space.metric, float("nan")))}, step=0)
+    parent.finish()
+    return results
+
+
+def main(args: argparse.Namespace, cfg: Config) -> int:
+    data_dir = data_dir_for(cfg, args.data)
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    ensure_ray()
+    results = run_sweep(args.space, cfg, data_dir, tracking_uri, args.max_concurrent, args.asha)
+    metric = load_space(args.space, cfg).metric
+    print(f"[tune] {len(results)} trials, {results.num_errors} errored")
+    for r in results:
+        swept = {k: v for k, v in (r.config or {}).items()}
+        value = (r.metrics or {}).get(metric)
+        print(f"  {swept} -> {metric}={value}")
+    print(f"tracking: {tracking_uri}")
+    return 1 if results.num_errors else 0
+
+

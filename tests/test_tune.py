@@ -1,0 +1,40 @@
+"""A Ray Tune sweep of 2 trials logging child runs to a real `mlflow server`, and resuming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from ganbert import config
+from ganbert.tune import run_sweep, sweep_name
+
+
+@pytest.mark.slow
+def test_sweep_logs_child_runs_with_metrics_and_resumes(tmp_path: Path, tiny_shards: str, local_ray: None,
+                                                        mlflow_server: str) -> None:
+    space = tmp_path / "masks.yaml"
+    space.write_text("sequence.pet_mask_ratio:\n  grid: [0.1, 0.25]\ntune:\n  metric: val_psnr\n  mode: max\n")
+    cfg = config.apply(config.tiny(), {"optim.epochs": 1, "run.storage": str(tmp_path / "ray"),
+                                       "run.experiment": "sweep-test", "run.name": "t"})
+    results = run_sweep(space, cfg, tiny_shards, mlflow_server, max_concurrent=2)
+    assert len(results) == 2 and results.num_errors == 0
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("sweep-test")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.info.run_name == sweep_name(space, cfg)]
+    assert len(parent) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(children) == 2
+    assert sorted(r.data.tags["swept.sequence.pet_mask_ratio"] for r in children) == ["0.1", "0.25"]
+    for child in children:
+        assert {"val_psnr", "val_ssim", "val_rmse"} <= set(child.data.metrics)
+        assert child.data.params["sequence.pet_mask_ratio"] in ("0.1", "0.25")
+        assert child.info.status == "FINISHED"
+
+    again = run_sweep(space, cfg, tiny_shards, mlflow_server, max_concurrent=2)   # restores, runs nothing new
+    assert len(again) == 2 and again.num_errors == 0
+    runs = client.search_runs([exp.experiment_id])
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]) == 2
