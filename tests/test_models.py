@@ -109,3 +109,12 @@ def test_bert_checkpointing_gives_the_same_gradients() -> None:
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("method, mean", [("ganbert", 39.7), ("ganbert", -0.4), ("pix2pix-tanh", 0.3)])
+def test_init_output_starts_the_generator_at_the_mean(method: str, mean: float) -> None:
+    g = build_generator(config.apply(config.tiny(), {"model.method": method}))
+    torch.nn.init.zeros_(g.out.weight)
+    g.init_output(mean)
+    out = g(torch.randn(1, 1, 32, 32, 32))
+    assert torch.allclose(out, torch.full_like(out, mean), atol=1e-4)

@@ -93,6 +93,7 @@ class ModelConfig:
     bert_max_positions: int = 1032
     cnn_channels: int = 32
     cnn_layers: int = 3
+    init_output_mean: bool = True  # start the generator at the training set's mean normalised PET
 
 
 @dataclass
@@ -123,6 +124,7 @@ class RunConfig:
     seed: int = 0
     workers: int = 1
     cpus_per_worker: int = 1
+    threads_per_worker: int = 0  # torch intra-op threads per worker; 0 = the CPUs Ray gives it
     use_gpu: bool = False
     storage: str = "runs/ray"
     tracking_uri: str = ""
@@ -225,6 +227,7 @@ def validate(cfg: Config) -> None:
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be in [0, 1), got {o.betas}")
     _check(r.workers >= 1, "run.workers", f"must be >= 1, got {r.workers}")
     _check(r.cpus_per_worker >= 1, "run.cpus_per_worker", f"must be >= 1, got {r.cpus_per_worker}")
+    _check(r.threads_per_worker >= 0, "run.threads_per_worker", f"must be >= 0, got {r.threads_per_worker}")
     _check(r.max_failures >= 0, "run.max_failures", f"must be >= 0, got {r.max_failures}")
 
 
@@ -243,7 +246,8 @@ def demo() -> Config:
                           bert_intermediate=256, cnn_channels=16, cnn_layers=2),
         optim=OptimConfig(batch_size=2, accumulation=1, epochs=6, amp=False, checkpointing=False,
                           lr=5e-4, channels_last=False),
-        run=RunConfig(name="demo", workers=1, cpus_per_worker=2, log_every=5),
+        # One Ray CPU for the worker leaves one for Ray Data's readers; torch still uses both cores.
+        run=RunConfig(name="demo", workers=1, cpus_per_worker=1, threads_per_worker=2, log_every=5),
         preset="demo",
     )
 

@@ -24,7 +24,7 @@ from ganbert.train.loop import data_dir_for, ensure_ray, trainer_for
 def trial_config(base: Config, swept: dict[str, Any], sweep: str, trial_id: str) -> Config:
     """The run config of one trial: base + swept overrides, its own run name under the sweep's storage."""
     cfg = config_mod.apply(base, trial_overrides(swept))
-    storage = str(Path(base.run.storage) / sweep)
+    storage = str(Path(base.run.storage).resolve() / sweep)
     return config_mod.apply(cfg, {"run.name": f"{sweep}-{trial_id}", "run.storage": storage})
 
 
@@ -82,6 +82,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     data_dir = data_dir_for(cfg, args.data)
     tracking_uri = args.tracking_uri or default_tracking_uri()
     ensure_ray()
+    cfg = config_mod.apply(cfg, {"run.storage": str(Path(cfg.run.storage).resolve())})  # trials run elsewhere
     results = run_sweep(args.space, cfg, data_dir, tracking_uri, args.max_concurrent, args.asha)
     metric = load_space(args.space, cfg).metric
     print(f"[tune] {len(results)} trials, {results.num_errors} errored")

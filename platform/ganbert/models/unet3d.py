@@ -83,6 +83,22 @@ class UNet3D(nn.Module):
         self.targets = [self.pet_size] + [tuple(min(s, p) for p in self.pet_size) for s in sizes[1:]]
         self.out = nn.Conv3d(ch[0], frames, 1)
 
+    @torch.no_grad()
+    def init_output(self, mean: float) -> None:
+        """Set the output bias so that a zero pre-activation maps to `mean` (normalised PET units).
+
+        The head's inverse is solved numerically (tanhshrink) or with atanh (tanh, clipped to (-1, 1)),
+        so training starts at the data's mean level instead of at 0, where tanhshrink is flat.
+        """
+        target = torch.tensor(float(mean), dtype=torch.float64)
+        if self.head == "tanh":
+            x = torch.atanh(target.clamp(-0.99, 0.99))
+        else:
+            x = target.clone()
+            for _ in range(50):  # Newton on x - tanh(x) = target; derivative tanh(x)^2
+                x = x - (x - torch.tanh(x) - target) / torch.tanh(x).square().clamp_min(1e-3)
+        self.out.bias.fill_(float(x))
+
     def _run(self, module: nn.Module, *args: Tensor) -> Tensor:
         if self.checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False)

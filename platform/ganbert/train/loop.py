@@ -22,7 +22,7 @@ import torch
 
 from ganbert import metrics
 from ganbert.config import Config, from_dict
-from ganbert.data import loader
+from ganbert.data import loader, shards
 from ganbert.models import build_networks
 from ganbert.tracking import Tracker, default_tracking_uri, histogram_png, make_tracker, montage_png
 from ganbert.train.checkpoint import load_state, save_model_dir, save_state
@@ -76,12 +76,15 @@ def _maybe_fault(spec: str | None, epoch: int, step: int, rank: int) -> None:
 
 @torch.no_grad()
 def validate(cfg: Config, generator: torch.nn.Module, data_dir: str, device: torch.device,
-             figures: Path | None = None) -> dict[str, float]:
-    """Mean val PSNR/SSIM/RMSE (restored PET units, paper range) and on [0,1]; optional montage/histogram PNGs."""
+             figures: Path | None = None, split: str = "val") -> dict[str, float]:
+    """Mean PSNR/SSIM/RMSE of a split (restored PET units, paper range) and on [0,1], keys `<split>_psnr` ...
+
+    Optionally writes the montage and histogram PNGs of the split's first row into `figures`.
+    """
     generator.eval()
     sums: dict[str, float] = {}
     n = 0
-    for row in loader.read_rows(data_dir, "val", cfg.geometry.tracer):
+    for row in loader.read_rows(data_dir, split, cfg.geometry.tracer):
         raw = {"mri": torch.from_numpy(np.array(row["mri"]))[None], "pet": torch.from_numpy(np.array(row["pet"]))[None],
                "mri_mean": torch.tensor([row["mri_mean"]]), "mri_std": torch.tensor([row["mri_std"]])}
         batch = to_batch(raw, device)
@@ -96,8 +99,8 @@ def validate(cfg: Config, generator: torch.nn.Module, data_dir: str, device: tor
         n += 1
     generator.train()
     if n == 0:
-        raise ValueError(f"no validation rows for tracer {cfg.geometry.tracer} in {data_dir}")
-    return {f"val_{k}": v / n for k, v in sums.items()}
+        raise ValueError(f"no {split} rows for tracer {cfg.geometry.tracer} in {data_dir}")
+    return {f"{split}_{k}": v / n for k, v in sums.items()}
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
@@ -106,6 +109,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    if cfg.run.threads_per_worker:
+        torch.set_num_threads(cfg.run.threads_per_worker)
     seed_everything(cfg.run.seed, rank)
     nets = build_networks(cfg)
     per_epoch = loop_cfg["steps_per_epoch"]
@@ -115,6 +120,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             meta = load_state(Path(d), nets, opt, device="cpu", restore_rng=rank == 0)
+    elif cfg.model.init_output_mean:
+        nets.generator.init_output(loop_cfg["pet_mean"])
     nets = place_networks(nets, cfg, device)
     for name, module in nets.named().items():
         setattr(nets, name, ray.train.torch.prepare_model(module, move_to_device=False))
@@ -179,9 +186,17 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-        print(f"[ray] local Ray started; dashboard at http://{ray.get_runtime_context().dashboard_url or '127.0.0.1:8265'}",
-              flush=True)
+        ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        print(f"[ray] local Ray started; dashboard at http://{ctx.dashboard_url}", flush=True)
+
+
+def mean_normalised_pet(data_dir: str, tracer: str) -> float:
+    """Mean over the training rows of (PET mean - MRI mean/10) / (MRI std/10), from the manifest's row stats."""
+    values = [(r["stats"]["pet_mean"] - r["stats"]["mri_mean"] / 10) / (r["stats"]["mri_std"] / 10)
+              for r in shards.read_manifest(data_dir)["rows"] if r["split"] == "train" and r["tracer"] == tracer]
+    if not values:
+        raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
+    return float(np.mean(values))
 
 
 def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
@@ -193,6 +208,7 @@ def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
     storage = str(Path(cfg.run.storage).resolve())
     loop_cfg = {"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "tracking_uri": tracking_uri,
                 "steps_per_epoch": steps_per_epoch(cfg, loader.count_rows(data_dir, "train", tracer)),
+                "pet_mean": mean_normalised_pet(data_dir, tracer),
                 "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV),
                 "model_dir": str(Path(storage) / cfg.run.name / "model")}
     return ray.train.torch.TorchTrainer(
@@ -226,9 +242,9 @@ def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainRe
 def data_dir_for(cfg: Config, data: str | None) -> str:
     """`--data`, else a phantom cohort of the config's geometry built and cached on first use."""
     if data:
-        return data
+        return str(Path(data).resolve())
     from ganbert.data.preprocess import ensure_phantom
-    return str(ensure_phantom(cfg, Path("runs/cache")))
+    return str(ensure_phantom(cfg, Path("runs/cache").resolve()))
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:

@@ -1,0 +1,8 @@
+"""`ganbert report` as a Ray job: `ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/report.py --experiment ganbert --out $HOME/ganbert-report`."""
+
+import sys
+
+from _entry import run
+
+if __name__ == "__main__":
+    sys.exit(run("report"))

@@ -1,0 +1,8 @@
+"""`ganbert train` as a Ray job: `ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py --preset tiny`."""
+
+import sys
+
+from _entry import run
+
+if __name__ == "__main__":
+    sys.exit(run("train"))

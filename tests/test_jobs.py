@@ -1,0 +1,281 @@
+"""jobs/*.py: thin `ray job submit` entry points; a real `ray start --head` cluster runs jobs/train.py --preset tiny."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = ("train", "tune", "preprocess", "report", "synthesize")
+RAY = str(Path(sys.executable).parent / "ray")
+SUBMIT_DOC = re.compile(r"ray job submit --address http://127\.0\.0\.1:8265 --working-dir \. -- python jobs/(\w+)\.py ")
+
+# Submitted as `python -c`: where the job driver, a plain task and an actor with its own env_vars (like Ray Train's
+# worker_runtime_env) import `ganbert` from.
+PROBE = """
+import sys
+sys.path.insert(0, "jobs")
+import _entry
+_entry.use_submitted_copy()
+_entry.join_cluster()
+import ganbert
+import ray
+
+@ray.remote(num_cpus=0)
+def where():
+    import ganbert
+    return ganbert.__file__
+
+@ray.remote(num_cpus=0)
+class Where:
+    def file(self):
+        import ganbert
+        return ganbert.__file__
+
+print("driver=" + ganbert.__file__)
+print("task=" + ray.get(where.remote()))
+print("actor=" + ray.get(Where.options(runtime_env={"env_vars": {"GANBERT_PROBE": "1"}}).remote().file.remote()))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _load_entry() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_jobs_entry_under_test", ROOT / "jobs" / "_entry.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- fast checks ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", JOBS)
+def test_job_docstring_names_its_submit_command(name: str) -> None:
+    source = (ROOT / "jobs" / f"{name}.py").read_text()
+    first = source.splitlines()[0]
+    assert first.startswith('"""') and first.endswith('"""'), "one-line module docstring"
+    match = SUBMIT_DOC.search(first)
+    assert match and match.group(1) == name, first
+    assert f'run("{name}")' in source
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_job_runs_its_subcommand_without_the_installed_package(name: str, tmp_path: Path) -> None:
+    """`python -S` skips site-packages' .pth files (the editable install): only jobs/_entry.py can find ganbert."""
+    code = (f"import runpy, sys; sys.path.append({sysconfig.get_paths()['purelib']!r}); "
+            f"sys.path.insert(0, {str(ROOT / 'jobs')!r}); sys.argv = ['{name}.py', '--help']; "
+            f"runpy.run_path({str(ROOT / 'jobs' / f'{name}.py')!r}, run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith(f"usage: ganbert {name} "), out.stdout[:500]
+    assert "ray.init" not in out.stderr and "Connecting to" not in out.stderr  # --help never starts Ray
+
+
+def test_entry_prefers_the_submitted_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = _load_entry()
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    entry.use_submitted_copy()
+    platform = str(ROOT / "platform")
+    assert sys.path[0] == platform
+    assert os.environ["PYTHONPATH"].split(os.pathsep) == [platform, "/elsewhere"]  # local Ray workers inherit it
+
+
+def test_entry_starts_no_ray_without_ray_address(tmp_path: Path) -> None:
+    """Outside a cluster the CLI starts its own local Ray later: join_cluster neither imports nor starts Ray."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'jobs')!r}); import _entry; _entry.use_submitted_copy(); "
+            "_entry.join_cluster(); import ganbert; print('ray' in sys.modules, ganbert.__file__)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", str(ROOT / "platform" / "ganbert" / "__init__.py")]
+
+
+# --- a real `ray start --head` cluster -----------------------------------------------------------
+
+@dataclass
+class Cluster:
+    """A `ray start --head --block` on 127.0.0.1 in its own session and temp dir."""
+
+    address: str  # dashboard (job submission) URL
+    env: dict[str, str]  # environment for the `ray` CLI and the cluster (RAY_AUTH_MODE, the venv's PATH)
+    root: Path  # short tmp dir: Ray's --temp-dir and the runs' outputs
+    proc: subprocess.Popen[bytes]
+
+    def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([RAY, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, entrypoint: list[str], timeout: float) -> tuple[str, subprocess.CompletedProcess[str]]:
+        """Blocking `ray job submit --working-dir .` from the repository root; returns (job id, CLI result)."""
+        job = f"ganbert-test-{uuid.uuid4().hex[:8]}"
+        args = ["job", "submit", "--address", self.address, "--submission-id", job, "--working-dir", ".", "--",
+                *entrypoint]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                out = self.ray(*args, timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                self.ray("job", "stop", "--address", self.address, job)
+                logs = self.ray("job", "logs", "--address", self.address, job).stdout
+                pytest.fail(f"job {job} ran past {timeout:.0f} s; logs:\n{logs[-6000:]}")
+            if "No available agent to submit job" not in out.stderr + out.stdout or time.monotonic() > deadline - 60:
+                return job, out
+            time.sleep(2)  # the dashboard agent is still registering
+
+    def status(self, job: str) -> str:
+        """The job's status from the Jobs API (JobStatus value, e.g. SUCCEEDED)."""
+        from ray.job_submission import JobSubmissionClient
+
+        return str(JobSubmissionClient(self.address).get_job_status(job).value)
+
+    def logs(self, job: str) -> str:
+        return self.ray("job", "logs", "--address", self.address, job).stdout
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def _session_members(sid: int) -> list[int]:
+    """PIDs whose session id is `sid` (everything `ray start` in its own session spawned, workers included)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the blocking `ray start` (it drains and stops its node), then SIGKILL stragglers of its session.
+
+    Only processes of this fixture's session are touched: no `ray stop`, which would end every Ray on the machine.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 10
+    while _session_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _session_members(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """One node on 127.0.0.1 with every port free-picked (other Rays may run here); auth off for all its users."""
+    root = Path(tempfile.mkdtemp(prefix="gbj", dir="/tmp"))  # short: Ray's unix sockets live under --temp-dir
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "PYTHONPATH", "MLFLOW_TRACKING_URI", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE")}
+    # An embedded ray.init() leaves ~/.ray/auth_token, which makes `ray start` turn token auth on unless the mode is
+    # explicit; the cluster, the CLI and (inherited from the raylet) the job all read RAY_AUTH_MODE.
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # teardown: no 30 s drain on SIGTERM
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")  # the job's `python`
+    dashboard = _free_port()
+    ports = {flag: _free_port() for flag in ("--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                             "--runtime-env-agent-port", "--metrics-export-port",
+                                             "--ray-client-server-port", "--node-manager-port", "--object-manager-port")}
+    log_path = root / "ray-start.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+         "--temp-dir", str(root / "ray"), *[str(x) for kv in ports.items() for x in kv]],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 120
+        while not _answers(f"{address}/api/version"):  # the job server is up ("Ray runtime started" comes earlier)
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed (rc {proc.poll()}):\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield Cluster(address=address, env=env, root=root, proc=proc)
+    finally:
+        _stop(proc)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_train_tiny(cluster: Cluster) -> None:
+    """The acceptance test: `ray job submit --working-dir . -- python jobs/train.py --preset tiny` succeeds."""
+    out_dir = cluster.root / "out"
+    storage, db = out_dir / "ray", out_dir / "mlflow.db"
+    job, out = cluster.submit(["python", "jobs/train.py", "--preset", "tiny", "--tracking-uri", f"sqlite:///{db}",
+                               f"run.storage={storage}", "run.name=jobtiny"], timeout=240)
+    logs = cluster.logs(job)
+    report = f"ray job submit rc {out.returncode}\nstderr:\n{out.stderr[-3000:]}\njob logs:\n{logs[-6000:]}"
+    assert out.returncode == 0, report
+    assert cluster.status(job) == "SUCCEEDED", report
+    model = re.search(r"^model: (models:/\S+)$", logs, re.MULTILINE)
+    assert model, report
+    ckpt = re.search(r"^checkpoint: (\S+)$", logs, re.MULTILINE)
+    assert ckpt and Path(ckpt.group(1)).parent == storage / "jobtiny", report
+    checkpoints = sorted(p for p in (storage / "jobtiny").glob("checkpoint_*") if p.is_dir())
+    assert Path(ckpt.group(1)) in checkpoints, report
+    assert all((c / "state.json").is_file() and (c / "generator.safetensors").is_file() for c in checkpoints), report
+    assert (storage / "jobtiny" / "model" / "MODEL_URI").read_text().strip() == model.group(1)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("ganbert").experiment_id],
+                              filter_string="attributes.run_name = 'jobtiny'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["val_psnr"] > 0
+
+
+@pytest.mark.slow
+def test_submitted_job_ships_ganbert_to_every_worker(cluster: Cluster) -> None:
+    """Driver, tasks and actors import the uploaded copy, never the editable install in this checkout."""
+    job, out = cluster.submit(["python", "-c", PROBE], timeout=120)
+    logs = cluster.logs(job)
+    assert out.returncode == 0 and cluster.status(job) == "SUCCEEDED", f"{out.stderr[-3000:]}\n{logs[-4000:]}"
+    found = dict(re.findall(r"^(driver|task|actor)=(\S+)$", logs, re.MULTILINE))
+    assert set(found) == {"driver", "task", "actor"}, logs[-4000:]
+    ray_dir = str(cluster.root / "ray")
+    assert "/runtime_resources/working_dir_files/" in found["driver"]
+    for where in ("driver", "task", "actor"):
+        assert found[where].startswith(ray_dir) and not found[where].startswith(str(ROOT)), found
+    for where in ("task", "actor"):
+        assert "/runtime_resources/py_modules_files/" in found[where], found
