@@ -46,7 +46,9 @@ class GeometryConfig:
     pet_size: Shape3 = (93, 76, 76)
     tracer: str = "AV45"
     mri_fov_mm: float = 256.0
-    pet_fov_mm: tuple[float, float, float] = (186.0, 152.0, 152.0)
+    # RAS x, y, z extent of the PET grid: the paper's 93 x 76 x 76 voxels at 2.0 x 2.5 x 2.0 mm, which
+    # covers a whole brain (about 140 x 175 x 130 mm) with margin.
+    pet_fov_mm: tuple[float, float, float] = (186.0, 190.0, 152.0)
 
     @property
     def mri_voxel_mm(self) -> float:
@@ -55,7 +57,7 @@ class GeometryConfig:
 
     @property
     def pet_voxel_mm(self) -> tuple[float, float, float]:
-        """PET voxel size per axis: FOV / grid (2 mm at paper geometry)."""
+        """PET voxel size per axis: FOV / grid (2.0 x 2.5 x 2.0 mm at paper geometry)."""
         return tuple(f / n for f, n in zip(self.pet_fov_mm, self.pet_size))  # type: ignore[return-value]
 
 

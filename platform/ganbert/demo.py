@@ -18,6 +18,7 @@ from ganbert import config as config_mod
 from ganbert.config import TRACERS, Config
 from ganbert.data import loader, phantom, preprocess, shards
 from ganbert.metrics import normalise_pet
+from ganbert.raysession import ensure_ray
 from ganbert.synthesize import synthesize_file
 from ganbert.train import loop
 from ganbert.train.checkpoint import load_generator
@@ -86,7 +87,6 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     summary = preprocess.run(raw, Path(data_dir), cfg)
     say(f"shards: {summary.get('rows')} rows in {data_dir} ({summary.get('rejected')} rejected)")
 
-    loop.ensure_ray()
     say(f"training {cfg.model.method} on {tracer}: {cfg.optim.epochs} epochs, {cfg.run.workers} Ray Train worker(s)")
     result = loop.fit(cfg, data_dir, tracking_uri)
     say(f"trained: {result.metrics.get('step')} steps; checkpoint {result.checkpoint}")

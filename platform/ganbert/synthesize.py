@@ -251,25 +251,15 @@ class Synthesizer:
                 "vmax": np.asarray(cols[4], dtype=np.float64)}
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Use the Ray this process is connected to; else join $RAY_ADDRESS; else start a local Ray (no dashboard)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-        return
-    ray.init(num_cpus=num_cpus or LOCAL_RAY_CPUS, include_dashboard=False, log_to_driver=False)
-
-
 def _run_on_ray(jobs: list[tuple[Path, Path]], model: str, tracking_uri: str | None,
                 num_cpus: int | None) -> list[Result]:
     """Synthesise every (input, output) job on Ray Data actors, at most one actor per CPU; results in job order."""
     import ray
     from ray.data import DataContext
 
-    ensure_ray(num_cpus)
+    from ganbert.raysession import ensure_ray
+
+    ensure_ray(num_cpus or LOCAL_RAY_CPUS)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     cpus = int(ray.cluster_resources().get("CPU", 1))

@@ -18,7 +18,8 @@ from ganbert import config as config_mod
 from ganbert.config import Config
 from ganbert.search_space import load_space, trial_overrides
 from ganbert.tracking import MLflowTracker, default_tracking_uri, find_run
-from ganbert.train.loop import data_dir_for, ensure_ray, trainer_for
+from ganbert.raysession import ensure_ray
+from ganbert.train.loop import data_dir_for, trainer_for
 
 
 def trial_config(base: Config, swept: dict[str, Any], sweep: str, trial_id: str) -> Config:
@@ -79,9 +80,9 @@ def run_sweep(space_path: str | Path, cfg: Config, data_dir: str, tracking_uri: 
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
+    ensure_ray(dashboard=True)
     data_dir = data_dir_for(cfg, args.data)
     tracking_uri = args.tracking_uri or default_tracking_uri()
-    ensure_ray()
     cfg = config_mod.apply(cfg, {"run.storage": str(Path(cfg.run.storage).resolve())})  # trials run elsewhere
     results = run_sweep(args.space, cfg, data_dir, tracking_uri, args.max_concurrent, args.asha)
     metric = load_space(args.space, cfg).metric

@@ -22,6 +22,9 @@ def _manifest(data_dir: Path | str, geometry: GeometryConfig | None = None) -> d
     return manifest
 
 
+READ_CPUS = 0.25
+
+
 def shard_paths(data_dir: Path | str, split: str, tracer: str | None = None,
                 geometry: GeometryConfig | None = None) -> list[Path]:
     """Shard files of a split (and tracer) in manifest order; ValueError when there are none."""
@@ -49,13 +52,16 @@ def read_split(data_dir: Path | str, split: str, tracer: str | None = None,
     """
     import ray
 
-    from ganbert.data.preprocess import _quiet_data_context, ensure_ray
+    from ganbert.data.preprocess import _quiet_data_context
+    from ganbert.raysession import ensure_ray
 
     paths = shard_paths(data_dir, split, tracer, geometry)
     ensure_ray()
     _quiet_data_context()
+    # Reads are I/O: a quarter CPU each, so they still run beside Train workers (and Tune drivers) that
+    # hold every whole CPU of a small node.
     return ray.data.read_parquet([str(p) for p in paths], partitioning=None, shuffle=None,
-                                 override_num_blocks=len(paths))
+                                 override_num_blocks=len(paths), ray_remote_args={"num_cpus": READ_CPUS})
 
 
 def train_data_config() -> Any:

@@ -36,6 +36,7 @@ from nibabel.spatialimages import SpatialImage
 from scipy import ndimage
 
 from ganbert.config import TRACERS, Config, GeometryConfig
+from ganbert.raysession import ensure_ray
 from ganbert.data import adni, shards
 from ganbert.data.nifti import Volume, VolumeError, check_values, image_data, read_volume, stack_frames
 
@@ -277,19 +278,6 @@ def assign_splits(subjects: Sequence[str], existing: dict[str, str] | None = Non
 
 def _natural(text: str) -> list[object]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Unless Ray is initialised: join the cluster in $RAY_ADDRESS, else start a local Ray (no dashboard)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(ignore_reinit_error=True)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, ignore_reinit_error=True,
-                 logging_level="WARNING")
 
 
 def _quiet_data_context() -> None:

@@ -24,6 +24,7 @@ from ganbert import metrics
 from ganbert.config import Config, from_dict
 from ganbert.data import loader, shards
 from ganbert.models import build_networks
+from ganbert.raysession import ensure_ray
 from ganbert.tracking import Tracker, default_tracking_uri, histogram_png, make_tracker, montage_png
 from ganbert.train.checkpoint import load_state, save_model_dir, save_state
 from ganbert.train.device import place_networks
@@ -162,32 +163,17 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(str(Path(tmp) / "state"))
             ray.train.report(report, checkpoint=ckpt)
     if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir = save_model_dir(Path(loop_cfg["model_dir"]), cfg, nets.generator)
-            config_path = Path(tmp) / "config.yaml"
-            config_path.write_text((model_dir / "config.yaml").read_text())
-            tracker.log_artifact(config_path)
-            uri = tracker.log_model(model_dir)
-            if uri:
-                tracker.set_tags({"ganbert.model_uri": uri})
-                (model_dir / "MODEL_URI").write_text(uri + "\n")
+        model_dir = save_model_dir(Path(loop_cfg["model_dir"]), cfg, nets.generator)
+        tracker.log_artifact(model_dir / "config.yaml")
+        uri = tracker.log_model(model_dir)
+        if uri:
+            (model_dir / "MODEL_URI").write_text(uri + "\n")
     tracker.finish()
 
 
 def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
     """Means of summed per-step losses (lr is the last, not a mean)."""
     return {a: (b / max(count, 1) if a != "lr" else b) for a, b in sums.items()}
-
-
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to a cluster given by RAY_ADDRESS, else start an embedded local Ray (no dashboard)."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        ctx = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-        print(f"[ray] local Ray started; dashboard at http://{ctx.dashboard_url}", flush=True)
 
 
 def mean_normalised_pet(data_dir: str, tracer: str) -> float:
@@ -248,9 +234,9 @@ def data_dir_for(cfg: Config, data: str | None) -> str:
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
+    ensure_ray(dashboard=True)
     data_dir = data_dir_for(cfg, args.data)
     tracking_uri = args.tracking_uri or default_tracking_uri()
-    ensure_ray()
     print(f"[train] run {cfg.run.name} ({cfg.model.method}, {cfg.geometry.tracer}, preset {cfg.preset}) on "
           f"{cfg.run.workers} worker(s); data {data_dir}; tracking {tracking_uri}", flush=True)
     out = fit(cfg, data_dir, tracking_uri)
