@@ -111,10 +111,15 @@ def test_bert_checkpointing_gives_the_same_gradients() -> None:
             assert torch.allclose(a.grad, b.grad, atol=1e-5), name
 
 
-@pytest.mark.parametrize("method, mean", [("ganbert", 39.7), ("ganbert", -0.4), ("pix2pix-tanh", 0.3)])
-def test_init_output_starts_the_generator_at_the_mean(method: str, mean: float) -> None:
+@pytest.mark.parametrize("method, mean, std", [("ganbert", 39.7, 40.0), ("ganbert", -0.4, 0.5),
+                                               ("pix2pix-tanh", 0.3, 2.0)])
+def test_init_output_starts_the_generator_at_the_mean_with_the_data_gain(method: str, mean: float,
+                                                                         std: float) -> None:
     g = build_generator(config.apply(config.tiny(), {"model.method": method}))
     torch.nn.init.zeros_(g.out.weight)
-    g.init_output(mean)
+    g.init_output(mean, std)
     out = g(torch.randn(1, 1, 32, 32, 32))
     assert torch.allclose(out, torch.full_like(out, mean), atol=1e-4)
+    assert float(g.out_scale) == max(std, 1.0) and "out_scale" in g.state_dict()
+    with pytest.raises(ValueError, match="std"):
+        g.init_output(mean, 0.0)

@@ -95,7 +95,7 @@ class ModelConfig:
     bert_max_positions: int = 1032
     cnn_channels: int = 32
     cnn_layers: int = 3
-    init_output_mean: bool = True  # start the generator at the training set's mean normalised PET
+    init_output_mean: bool = True  # start the generator at the training PET's mean and spread (unet3d)
 
 
 @dataclass

@@ -82,14 +82,19 @@ class UNet3D(nn.Module):
         sizes = [mri_size // 2**i for i in range(depth + 1)]
         self.targets = [self.pet_size] + [tuple(min(s, p) for p in self.pet_size) for s in sizes[1:]]
         self.out = nn.Conv3d(ch[0], frames, 1)
+        self.register_buffer("out_scale", torch.ones(()))  # fixed gain on the pre-activation (init_output)
 
     @torch.no_grad()
-    def init_output(self, mean: float) -> None:
-        """Set the output bias so that a zero pre-activation maps to `mean` (normalised PET units).
+    def init_output(self, mean: float, std: float = 1.0) -> None:
+        """Start at the data's level and spread: pre-activation gain `std`, bias mapping 0 to `mean`.
 
+        Normalised PET spans tens of units while the decoder's features are O(1) and Adam moves weights
+        by about lr per step; the fixed gain `out_scale` = max(std, 1) lets the output move in data units.
         The head's inverse is solved numerically (tanhshrink) or with atanh (tanh, clipped to (-1, 1)),
-        so training starts at the data's mean level instead of at 0, where tanhshrink is flat.
+        so training starts at the mean instead of at 0, where tanhshrink is flat.
         """
+        if std <= 0:
+            raise ValueError(f"std must be > 0, got {std}")
         target = torch.tensor(float(mean), dtype=torch.float64)
         if self.head == "tanh":
             x = torch.atanh(target.clamp(-0.99, 0.99))
@@ -97,7 +102,8 @@ class UNet3D(nn.Module):
             x = target.clone()
             for _ in range(50):  # Newton on x - tanh(x) = target; derivative tanh(x)^2
                 x = x - (x - torch.tanh(x) - target) / torch.tanh(x).square().clamp_min(1e-3)
-        self.out.bias.fill_(float(x))
+        self.out_scale.fill_(max(float(std), 1.0))
+        self.out.bias.fill_(float(x) / float(self.out_scale))
 
     def _run(self, module: nn.Module, *args: Tensor) -> Tensor:
         if self.checkpointing and self.training and torch.is_grad_enabled():
@@ -116,4 +122,4 @@ class UNet3D(nn.Module):
         for level, up in zip(reversed(range(len(skips))), self.ups):
             skip = resize(skips[level], self.targets[level])
             x = self._run(up, x, skip)
-        return HEADS[self.head](self.out(x))
+        return HEADS[self.head](self.out(x) * self.out_scale)

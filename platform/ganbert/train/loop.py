@@ -22,7 +22,7 @@ import torch
 
 from ganbert import metrics
 from ganbert.config import Config, from_dict
-from ganbert.data import loader, shards
+from ganbert.data import loader
 from ganbert.models import build_networks
 from ganbert.raysession import ensure_ray
 from ganbert.tracking import Tracker, default_tracking_uri, histogram_png, make_tracker, montage_png
@@ -122,7 +122,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             meta = load_state(Path(d), nets, opt, device="cpu", restore_rng=rank == 0)
     elif cfg.model.init_output_mean:
-        nets.generator.init_output(loop_cfg["pet_mean"])
+        nets.generator.init_output(*loop_cfg["pet_stats"])
     nets = place_networks(nets, cfg, device)
     for name, module in nets.named().items():
         setattr(nets, name, ray.train.torch.prepare_model(module, move_to_device=False))
@@ -176,13 +176,19 @@ def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
     return {a: (b / max(count, 1) if a != "lr" else b) for a, b in sums.items()}
 
 
-def mean_normalised_pet(data_dir: str, tracer: str) -> float:
-    """Mean over the training rows of (PET mean - MRI mean/10) / (MRI std/10), from the manifest's row stats."""
-    values = [(r["stats"]["pet_mean"] - r["stats"]["mri_mean"] / 10) / (r["stats"]["mri_std"] / 10)
-              for r in shards.read_manifest(data_dir)["rows"] if r["split"] == "train" and r["tracer"] == tracer]
-    if not values:
+def output_stats(data_dir: str, tracer: str, rows: int = 16) -> tuple[float, float]:
+    """Mean and std of the normalised PET voxels of the first `rows` training rows (generator init)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for i, row in enumerate(loader.read_rows(data_dir, "train", tracer)):
+        if i >= rows:
+            break
+        pet = torch.from_numpy(np.array(row["pet"], dtype=np.float64))[None]
+        norm = metrics.normalise_pet(pet, torch.tensor([row["mri_mean"]]), torch.tensor([row["mri_std"]]))
+        total, total_sq, count = total + float(norm.sum()), total_sq + float(norm.square().sum()), count + norm.numel()
+    if count == 0:
         raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
-    return float(np.mean(values))
+    mean = total / count
+    return mean, max(total_sq / count - mean**2, 0.0) ** 0.5
 
 
 def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
@@ -194,7 +200,7 @@ def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
     storage = str(Path(cfg.run.storage).resolve())
     loop_cfg = {"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "tracking_uri": tracking_uri,
                 "steps_per_epoch": steps_per_epoch(cfg, loader.count_rows(data_dir, "train", tracer)),
-                "pet_mean": mean_normalised_pet(data_dir, tracer),
+                "pet_stats": output_stats(data_dir, tracer),
                 "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV),
                 "model_dir": str(Path(storage) / cfg.run.name / "model")}
     return ray.train.torch.TorchTrainer(
