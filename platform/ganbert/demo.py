@@ -114,6 +114,8 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     print(f"\nfigures: {figures} (montage.png, histogram.png)")
     print(f"Ray Train storage: {cfg.run.storage}/{cfg.run.name}")
     print(f"open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1")
+    print(f"synthesise another T1: .venv/bin/ganbert synthesize --model {result.model_uri or result.model_dir} "
+          f"--tracking-uri {tracking_uri} --mri T1.nii.gz --out PET.nii.gz")
     print(f"model: {result.model_uri or result.model_dir}")
     print(f"tracking: {tracking_uri}")
     print(f"synthesized: {target}")

@@ -61,7 +61,7 @@ def read_split(data_dir: Path | str, split: str, tracer: str | None = None,
     # Reads are I/O: a quarter CPU each, so they still run beside Train workers (and Tune drivers) that
     # hold every whole CPU of a small node.
     return ray.data.read_parquet([str(p) for p in paths], partitioning=None, shuffle=None,
-                                 override_num_blocks=len(paths), ray_remote_args={"num_cpus": READ_CPUS})
+                                 override_num_blocks=len(paths), num_cpus=READ_CPUS)
 
 
 def train_data_config() -> Any:
