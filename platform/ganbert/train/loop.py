@@ -28,7 +28,7 @@ from ganbert.raysession import ensure_ray
 from ganbert.tracking import Tracker, default_tracking_uri, histogram_png, make_tracker, montage_png
 from ganbert.train.checkpoint import load_state, save_model_dir, save_state
 from ganbert.train.device import place_networks
-from ganbert.train.step import Batch, gan_step, make_optimisers, seed_everything, to_batch
+from ganbert.train.step import Batch, gan_step, make_optimisers, seed_everything, to_batch, unwrap
 
 FAULT_ENV = "GANBERT_FAULT_AT"  # "epoch:step:rank:marker-file": SIGKILL that worker once (failure tests)
 
@@ -152,7 +152,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             ckpt = None
             if rank == 0:
                 figures = Path(tmp) / "figures"
-                report.update(validate(cfg, nets.generator, loop_cfg["data_dir"], device, figures))
+                # the plain module: a DDP forward would sync buffers with ranks that are not validating
+                report.update(validate(cfg, unwrap(nets.generator), loop_cfg["data_dir"], device, figures))
                 meta = {"epoch": epoch, "step": step, "mlflow_run_id": tracker.run_id, "val_psnr": report["val_psnr"]}
                 save_state(Path(tmp) / "state", cfg, nets, opt, meta)
                 tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
