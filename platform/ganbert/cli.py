@@ -97,7 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", required=True, help="search_spaces/<name>.yaml")
     p.add_argument("--data", default=None, help="preprocessed shards (default: a cached phantom cohort)")
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--samples", type=int, default=1, help="samples per grid point")
     p.add_argument("--asha", action="store_true", help="ASHA early stopping on val PSNR")
     p.add_argument("--max-concurrent", type=int, default=1)
     _config_args(p)

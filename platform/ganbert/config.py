@@ -129,10 +129,8 @@ class RunConfig:
     threads_per_worker: int = 0  # torch intra-op threads per worker; 0 = the CPUs Ray gives it
     use_gpu: bool = False
     storage: str = "runs/ray"
-    tracking_uri: str = ""
     experiment: str = "ganbert"
     max_failures: int = 2
-    val_subjects: int = 0
     log_every: int = 10
 
 
