@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 
 from ganbert import config as config_mod
+from ganbert.atomic import write_text
 from ganbert.config import Config
 from ganbert.models import METHODS, build_networks
 from ganbert.train.device import pick_device, place_networks
@@ -103,9 +104,7 @@ def write_section(title: str, lines: list[str], path: Path = BENCHMARKS) -> None
         text = text[:start] + section + (text[end + 1:] if end != -1 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text(path, text)
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:

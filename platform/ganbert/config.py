@@ -387,10 +387,9 @@ def load(preset: str = "paper", config_file: str | Path | None = None, overrides
 
 def save(cfg: Config, path: str | Path) -> None:
     """Write the config as YAML (atomic)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
-    tmp.replace(path)
+    from ganbert.atomic import write_text
+
+    write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
 
 
 def _plain(value: Any) -> Any:

@@ -10,14 +10,13 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from ganbert import config as config_mod
 from ganbert.config import TRACERS, Config
 from ganbert.data import loader, phantom, preprocess, shards
-from ganbert.metrics import normalise_pet
+from ganbert.atomic import write_text
 from ganbert.raysession import ensure_ray
 from ganbert.synthesize import synthesize_file
 from ganbert.train import loop
@@ -38,14 +37,11 @@ class MeanPET(nn.Module):
 def mean_pet(data_dir: str, tracer: str) -> MeanPET:
     """Streamed mean of the normalised training PET volumes of a tracer."""
     total, n = None, 0
-    for row in loader.read_rows(data_dir, "train", tracer):
-        pet = torch.from_numpy(np.array(row["pet"], dtype=np.float32))[None]
-        norm = normalise_pet(pet, torch.tensor([row["mri_mean"]]), torch.tensor([row["mri_std"]]))[0]
+    for norm in loop.normalised_train_pet(data_dir, tracer):
         total = norm if total is None else total + norm
         n += 1
-    if total is None:
-        raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
-    return MeanPET(total / n)
+    assert total is not None  # normalised_train_pet raises on an empty split
+    return MeanPET((total / n).float())
 
 
 class Clock:
@@ -82,7 +78,8 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     else:
         say(f"writing a phantom cohort: {args.subjects} subjects x {len(TRACERS)} tracers in ADNI layout -> {raw}")
         phantom.write_cohort(raw, args.subjects, TRACERS, "demo", cfg.run.seed)
-        (raw / "COMPLETE").write_text("ok\n")
+        write_text(raw / "COMPLETE", "ok\n")
+    ensure_ray(dashboard=True)
     say("preprocessing on Ray Data (conform T1, resample PET, subject-level split, Parquet shards)")
     summary = preprocess.run(raw, Path(data_dir), cfg)
     say(f"shards: {summary.get('rows')} rows in {data_dir} ({summary.get('rejected')} rejected)")

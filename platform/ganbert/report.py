@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ganbert.atomic import write_text
 from ganbert.config import METHODS, TRACERS
 
 METHOD_KEY = "model.method"
@@ -190,14 +189,6 @@ def collect_runs(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
             return runs
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def main(args: argparse.Namespace) -> int:
     """Write <out>/report.md and <out>/report.png and log both to a new run named `report`."""
     from ganbert.tracking import MLflowTracker, default_tracking_uri
@@ -207,7 +198,7 @@ def main(args: argparse.Namespace) -> int:
     rows = build_table(runs)
     out = Path(args.out)
     md = out / "report.md"
-    _write_text(md, render_markdown(rows, args.experiment, uri, len(runs)))
+    write_text(md, render_markdown(rows, args.experiment, uri, len(runs)))
     png = render_png(rows, out / "report.png")
     with MLflowTracker(uri, args.experiment, REPORT_RUN_NAME, tags={KIND_TAG: REPORT_RUN_NAME}) as tracker:
         tracker.log_artifact(md)

@@ -18,8 +18,6 @@ Every file is written atomically (a temporary file in the target folder, then os
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import tempfile
 import uuid
@@ -32,6 +30,7 @@ import torch
 from nibabel.spatialimages import SpatialImage
 from torch import nn
 
+from ganbert.atomic import write_csv
 from ganbert.config import Config
 from ganbert.data.nifti import VolumeError, is_nifti_name, load_header
 from ganbert.data.preprocess import conform_mri, pet_affine
@@ -282,18 +281,7 @@ def _run_on_ray(jobs: list[tuple[Path, Path]], model: str, tracking_uri: str | N
 
 def write_report(path: Path, results: list[Result]) -> Path:
     """`synthesis.csv` (input, output, status, reason), one row per input in input order; atomic."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(REPORT_COLUMNS)
-    for r in results:
-        writer.writerow([r.input, r.output, r.status, r.reason])
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_csv(path, REPORT_COLUMNS, ([r.input, r.output, r.status, r.reason] for r in results))
 
 
 def synthesize_folder(model: str, mri_dir: Path | str, out_dir: Path | str, tracking_uri: str | None = None,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ganbert.atomic import write_csv
 from ganbert.data.nifti import VolumeError, inside, is_nifti_name, load_header
 
 ADNI_COLUMNS = ("Image Data ID", "Subject", "Group", "Sex", "Age", "Visit", "Modality", "Description", "Type",
@@ -393,12 +394,7 @@ def pair_scans(scans: Sequence[Scan], window_days: int) -> tuple[list[Pair], lis
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with tmp.open("w", newline="") as fobj:
-        writer = csv.writer(fobj, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    write_csv(path, header, rows)
 
 
 ISSUE_COLUMNS = ("file", "image_id", "subject", "stage", "reason")

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ganbert.atomic import write_csv, write_text
 from ganbert.config import TRACERS
 from ganbert.data.adni import ADNI_COLUMNS as COLUMNS
 
@@ -432,12 +433,6 @@ def _atomic_save(img: nib.Nifti1Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _nifti(data: np.ndarray, affine: np.ndarray, dtype: type, descrip: str, frame_s: float | None = None) -> nib.Nifti1Image:
     img = nib.Nifti1Image(data, affine)
     img.set_data_dtype(dtype)
@@ -610,18 +605,13 @@ def write_cohort(out: Path, subjects: int, tracers: Sequence[str], size: str, se
                          scan.description, "Original" if scan.modality == "MRI" else "Pre-processed",
                          _acq_date(scan.date), "NiFTI", _acq_date(DOWNLOADED)])
     csv_path = out / f"PHANTOM_{size}_{seed}_{DOWNLOADED.month}_{DOWNLOADED.day:02d}_{DOWNLOADED.year}.csv"
-    tmp = csv_path.with_name(f".tmp-{os.getpid()}-{csv_path.name}")
-    with tmp.open("w", newline="") as fobj:
-        writer = csv.writer(fobj, quoting=csv.QUOTE_ALL, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
+    write_csv(csv_path, COLUMNS, rows, quoting=csv.QUOTE_ALL)
     meta = {"generator": "ganbert.data.phantom", "size": size, "seed": seed, "subjects": subjects,
             "tracers": tracers, "regions": {str(k): v for k, v in REGIONS.items()},
             "reference_regions": {t: list(REFERENCE[t]) for t in tracers},
             "units": "regional SUVR: mean of the noise-free, unblurred SUVR image in each region of the PET grid",
             "subjects_truth": truth}
-    _atomic_text(out / "ground_truth.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    write_text(out / "ground_truth.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return out
 
 

@@ -23,7 +23,6 @@ import argparse
 import fcntl
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -35,6 +34,7 @@ import numpy as np
 from nibabel.spatialimages import SpatialImage
 from scipy import ndimage
 
+from ganbert.atomic import write_text
 from ganbert.config import TRACERS, Config, GeometryConfig
 from ganbert.raysession import ensure_ray
 from ganbert.data import adni, shards
@@ -442,9 +442,7 @@ def ensure_phantom(cfg: Config, cache_root: Path, subjects: int = 12, seed: int 
         summary = run(raw, out, cfg)
         if summary["rejected"]:
             raise ValueError(f"phantom cohort {raw}: {summary['rejected']} inputs rejected (see {out / 'rejected.csv'})")
-        tmp = base / f".tmp-{os.getpid()}-DONE"
-        tmp.write_text(json.dumps(summary, sort_keys=True) + "\n")
-        os.replace(tmp, done)
+        write_text(done, json.dumps(summary, sort_keys=True) + "\n")
     return out
 
 

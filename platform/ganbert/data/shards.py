@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ganbert.atomic import write_text
 from ganbert.config import GeometryConfig
 
 FORMAT = "ganbert-shards/1"
@@ -102,10 +103,7 @@ def read_manifest(data_dir: Path | str) -> dict[str, Any]:
 
 def save_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:
     """Write manifest.json atomically (sorted keys, so equal content gives equal bytes)."""
-    path = Path(data_dir) / MANIFEST
-    tmp = path.with_name(f".tmp-{os.getpid()}-{MANIFEST}")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(Path(data_dir) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def shard_name(split: str, tracer: str, index: int) -> str:

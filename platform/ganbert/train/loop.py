@@ -6,6 +6,7 @@ Rerunning the same command (same run.name and run.storage) resumes from the last
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import signal
 import tempfile
@@ -177,17 +178,22 @@ def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
     return {a: (b / max(count, 1) if a != "lr" else b) for a, b in sums.items()}
 
 
+def normalised_train_pet(data_dir: str, tracer: str, rows: int | None = None) -> Iterator[torch.Tensor]:
+    """The training PET volumes `(T, d, h, w)` of a tracer (first `rows`), float64, normalised by MRI stats."""
+    count = 0
+    for row in itertools.islice(loader.read_rows(data_dir, "train", tracer), rows):
+        pet = torch.from_numpy(np.array(row["pet"], dtype=np.float64))[None]
+        yield metrics.normalise_pet(pet, torch.tensor([row["mri_mean"]]), torch.tensor([row["mri_std"]]))[0]
+        count += 1
+    if count == 0:
+        raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
+
+
 def output_stats(data_dir: str, tracer: str, rows: int = 16) -> tuple[float, float]:
     """Mean and std of the normalised PET voxels of the first `rows` training rows (generator init)."""
     total, total_sq, count = 0.0, 0.0, 0
-    for i, row in enumerate(loader.read_rows(data_dir, "train", tracer)):
-        if i >= rows:
-            break
-        pet = torch.from_numpy(np.array(row["pet"], dtype=np.float64))[None]
-        norm = metrics.normalise_pet(pet, torch.tensor([row["mri_mean"]]), torch.tensor([row["mri_std"]]))
+    for norm in normalised_train_pet(data_dir, tracer, rows):
         total, total_sq, count = total + float(norm.sum()), total_sq + float(norm.square().sum()), count + norm.numel()
-    if count == 0:
-        raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
     mean = total / count
     return mean, max(total_sq / count - mean**2, 0.0) ** 0.5
 
