@@ -9,6 +9,13 @@ from ganbert.models.bert_disc import BertDiscriminator, bert_config
 from ganbert.models.unet3d import UNet3D
 from ganbert.sequence import Vocabulary, build_sequence, mask_positions, mask_sequence
 
+RANGES = {"sequence.mri_range": (-3.0, 3.0), "sequence.pet_range": (-3.0, 3.0)}
+
+
+def tiny(**overrides: object) -> config.Config:
+    """The tiny preset with a fixed token space (the loop calibrates it from the data)."""
+    return config.apply(config.tiny(), RANGES | overrides)
+
 
 def test_registry_holds_the_four_methods_of_table_1() -> None:
     assert set(METHODS) == set(config.METHODS)
@@ -19,7 +26,7 @@ def test_registry_holds_the_four_methods_of_table_1() -> None:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_tiny_networks_forward(method: str) -> None:
-    cfg = config.apply(config.tiny(), {"model.method": method})
+    cfg = tiny(**{"model.method": method})
     nets = build_networks(cfg)
     fake = nets.generator(torch.randn(2, 1, 32, 32, 32))
     assert fake.shape == (2, 2, 14, 12, 12)
@@ -30,7 +37,7 @@ def test_tiny_networks_forward(method: str) -> None:
 
 def test_heads_differ() -> None:
     torch.manual_seed(0)
-    tanh = build_generator(config.apply(config.tiny(), {"model.method": "pix2pix-tanh"}))
+    tanh = build_generator(tiny(**{"model.method": "pix2pix-tanh"}))
     out = tanh(torch.randn(1, 1, 32, 32, 32) * 50)
     assert out.abs().max() <= 1.0
 
@@ -44,7 +51,7 @@ def test_paper_generator_shape_on_meta_device() -> None:
 
 
 def test_paper_bert_is_bert_base_with_1027_tokens() -> None:
-    cfg = config.paper()
+    cfg = config.apply(config.paper(), RANGES)
     bc = bert_config(cfg)
     assert (bc.num_hidden_layers, bc.hidden_size, bc.num_attention_heads) == (12, 768, 12)
     assert bc.max_position_embeddings >= 1027 and bc.vocab_size == 10_005
@@ -60,7 +67,7 @@ def test_paper_bert_is_bert_base_with_1027_tokens() -> None:
 
 
 def test_bert_discriminator_outputs() -> None:
-    cfg = config.tiny()
+    cfg = tiny()
     d = BertDiscriminator(cfg)
     vocab = Vocabulary(cfg.sequence)
     seq = build_sequence(vocab, torch.randn(3, 64), torch.randn(3, 64))
@@ -93,7 +100,7 @@ def test_generator_rejects_bad_arguments() -> None:
 
 
 def test_bert_checkpointing_gives_the_same_gradients() -> None:
-    cfgs = [config.apply(config.tiny(), {"optim.checkpointing": flag}) for flag in (False, True)]
+    cfgs = [tiny(**{"optim.checkpointing": flag}) for flag in (False, True)]
     torch.manual_seed(0)
     plain = BertDiscriminator(cfgs[0])
     ckpt = BertDiscriminator(cfgs[1])
@@ -115,7 +122,7 @@ def test_bert_checkpointing_gives_the_same_gradients() -> None:
                                                ("pix2pix-tanh", 0.3, 2.0)])
 def test_init_output_starts_the_generator_at_the_mean_with_the_data_gain(method: str, mean: float,
                                                                          std: float) -> None:
-    g = build_generator(config.apply(config.tiny(), {"model.method": method}))
+    g = build_generator(tiny(**{"model.method": method}))
     torch.nn.init.zeros_(g.out.weight)
     g.init_output(mean, std)
     out = g(torch.randn(1, 1, 32, 32, 32))
@@ -123,3 +130,63 @@ def test_init_output_starts_the_generator_at_the_mean_with_the_data_gain(method:
     assert float(g.out_scale) == max(std, 1.0) and "out_scale" in g.state_dict()
     with pytest.raises(ValueError, match="std"):
         g.init_output(mean, 0.0)
+
+
+def _marker_pet_voxel(geometry: config.GeometryConfig, marker: tuple[int, int, int]) -> tuple[int, ...]:
+    """The PET voxel that holds the world position of MRI voxel `marker` (preprocessing's own affines)."""
+    import numpy as np
+
+    from ganbert.data.preprocess import mri_affine_for, pet_affine
+
+    mri_aff = mri_affine_for(np.diag([1.0, 1.0, 1.0, 1.0]), geometry.mri_size, geometry)
+    world = mri_aff @ np.array([*marker, 1.0])
+    ijk = np.linalg.inv(pet_affine(mri_aff, geometry)) @ world
+    return tuple(int(v) for v in np.round(ijk[:3]))
+
+
+@pytest.mark.parametrize("marker", [(20, 40, 24), (44, 22, 36), (30, 30, 30)])
+def test_skip_path_puts_an_mri_marker_at_its_pet_voxel(marker: tuple[int, int, int]) -> None:
+    """A bright voxel at a world position in the MRI peaks at the PET voxel of that position in the level-0 skip."""
+    cfg = config.apply(config.demo(), RANGES)
+    g = build_generator(cfg)
+    stem_conv = g.stem[0]
+    torch.nn.init.zeros_(stem_conv.weight)
+    stem_conv.weight.data[:, 0, 1, 1, 1] = 1.0   # the stem copies the MRI into every channel
+    seen: list[torch.Tensor] = []
+    g.ups[-1].register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    mri = torch.zeros(1, 1, *cfg.geometry.mri_size)
+    mri[0, 0, marker[0] - 1:marker[0] + 2, marker[1] - 1:marker[1] + 2, marker[2] - 1:marker[2] + 2] = 1.0
+    with torch.no_grad():
+        g(mri)
+    skip = seen[0][0, 0]
+    assert tuple(skip.shape) == cfg.geometry.pet_size
+    peak = tuple(int(v) for v in torch.nonzero(skip == skip.max())[0])
+    assert peak == _marker_pet_voxel(cfg.geometry, marker)
+
+
+def test_cnn_discriminator_sees_the_mri_over_the_pet_field_of_view() -> None:
+    from ganbert.models.unet3d import fov_sample
+
+    cfg = config.apply(config.demo(), RANGES | {"model.method": "pix2pix-tanh"})
+    cnn = build_networks(cfg).cnn
+    marker = (44, 22, 36)
+    mri = torch.zeros(1, 1, *cfg.geometry.mri_size)
+    mri[0, 0, marker[0] - 1:marker[0] + 2, marker[1] - 1:marker[1] + 2, marker[2] - 1:marker[2] + 2] = 1.0
+    seen: list[torch.Tensor] = []
+    cnn.net[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    cnn(mri, torch.zeros(1, 2, *cfg.geometry.pet_size))
+    mri_on_pet = seen[0][0, 0]
+    peak = tuple(int(v) for v in torch.nonzero(mri_on_pet == mri_on_pet.max())[0])
+    assert peak == _marker_pet_voxel(cfg.geometry, marker)
+    assert torch.equal(mri_on_pet, fov_sample(mri, cfg.geometry.pet_size, cnn.pet_fov_ratio)[0, 0])
+
+
+def test_generator_output_is_float32_off_the_bf16_lattice_under_autocast() -> None:
+    torch.manual_seed(0)
+    g = build_generator(tiny())
+    g.init_output(80.0, 40.0)   # PET-like values, where bf16 steps are 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = g(torch.randn(2, 1, 32, 32, 32))
+    assert out.dtype == torch.float32
+    on_lattice = (out == out.to(torch.bfloat16).float()).float().mean()
+    assert on_lattice < 0.2, float(on_lattice)

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from ganbert.config import SequenceConfig
-from ganbert.sequence import (IGNORE_INDEX, SPECIALS, Vocabulary, build_sequence, mask_positions, mask_sequence,
-                              quantise, straight_through_embed, summarise, value_ids)
+from ganbert.sequence import (IGNORE_INDEX, SPECIALS, Vocabulary, build_sequence, calibrated_range, mask_positions,
+                              mask_sequence, quantise, straight_through_embed, summarise, value_ids)
+
+PAPER = {"scheme": "paper"}
 
 
 def test_summarise_is_signed_abs_max_per_block() -> None:
@@ -64,22 +66,49 @@ def test_monotonic_scheme_preserves_order() -> None:
     ids = quantise(v, 1000.0, "monotonic")
     assert bool((ids[1:] >= ids[:-1]).all())
     assert ids.min() >= 0
-    assert quantise(torch.tensor([-100.0, 100.0]), 1000.0, "monotonic").tolist() == [0, 35_000]
+    assert quantise(torch.tensor([-100.0, 100.0]), 1000.0, "monotonic", low=-5.0).tolist() == [0, 9999]
+
+
+def test_monotonic_maps_each_calibrated_range_onto_all_value_ids() -> None:
+    vocab = Vocabulary(SequenceConfig(mri_range=(-2.0, 3.0), pet_range=(0.0, 200.0)))
+    mri, x = vocab.encode(torch.tensor([[-2.0, 0.5, 3.0, 99.0]]), "mri")
+    assert mri.tolist() == [[5, 5 + 5000, 5 + 9999, 5 + 9999]]   # specials first, then ids 0..V-1, clipped
+    assert torch.allclose(x, torch.tensor([[0.0, 4999.5, 9999.0, 101 * 9999 / 5]]))
+    pet, _ = vocab.encode(torch.tensor([[0.0, 100.0, 200.0]]), "pet")
+    assert pet.tolist() == [[5, 5 + 5000, 5 + 9999]]   # the PET segment has its own range
+
+
+def test_uncalibrated_monotonic_vocabulary_names_the_field() -> None:
+    with pytest.raises(ValueError, match="sequence.mri_range"):
+        Vocabulary(SequenceConfig())
+    Vocabulary(SequenceConfig(**PAPER))  # the paper scheme needs no calibration
+
+
+def test_calibrated_range_widens_the_quantiles() -> None:
+    assert calibrated_range({"q0.001": -1.0, "q0.999": 9.0}) == pytest.approx((-2.0, 10.0))
+    assert calibrated_range({"q0.001": 4.0, "q0.999": 4.0}, margin=0.0) == (4.0, 5.0)
+
+
+def test_token_health_counts_collisions_clips_and_distinct_ids() -> None:
+    v = torch.tensor([-0.5, 0.0005, 0.002, 0.002, 12.0])   # paper q: -500, 0, 2, 2, 12000 -> ids 0, 0, 2, 2, 500
+    assert Vocabulary(SequenceConfig(**PAPER)).health(v, "pet") == pytest.approx({"collide_or_clip": 0.6, "distinct": 3.0})
+    mono = Vocabulary(SequenceConfig(mri_range=(0.0, 1.0), pet_range=(0.0, 1.0)))
+    assert mono.health(torch.tensor([-0.1, 0.0, 0.5, 1.0, 1.2]), "mri") == pytest.approx({"collide_or_clip": 0.4, "distinct": 3.0})
 
 
 @pytest.mark.parametrize("scheme", ["paper", "monotonic"])
 def test_specials_never_collide_with_values(scheme: str) -> None:
-    vocab = Vocabulary(SequenceConfig(scheme=scheme))
+    vocab = Vocabulary(SequenceConfig(scheme=scheme, mri_range=(-1.0, 1.0), pet_range=(-1.0, 1.0)))
     specials = {vocab.special(name) for name in SPECIALS}
     assert len(specials) == len(SPECIALS)
-    tokens, _ = vocab.encode(torch.linspace(-500, 500, 200_001))
+    tokens, _ = vocab.encode(torch.linspace(-500, 500, 200_001), "pet")
     assert not specials & set(tokens.unique().tolist())
     assert int(tokens.max()) < vocab.size and max(specials) < vocab.size
     assert vocab.size == vocab.n_values + len(SPECIALS)
 
 
 def test_build_sequence_layout_and_token_types() -> None:
-    vocab = Vocabulary(SequenceConfig(length=8))
+    vocab = Vocabulary(SequenceConfig(length=8, **PAPER))
     seq = build_sequence(vocab, torch.full((2, 8), 0.002), torch.full((2, 8), 0.003))
     t = seq.tokens[0].tolist()
     assert len(t) == 19 and t[0] == vocab.cls and t[9] == vocab.sep and t[18] == vocab.sep
@@ -99,7 +128,7 @@ def test_mask_positions_counts_and_segments() -> None:
 
 
 def test_mask_sequence_labels_are_the_real_tokens() -> None:
-    vocab = Vocabulary(SequenceConfig(length=8))
+    vocab = Vocabulary(SequenceConfig(length=8, **PAPER))
     real = build_sequence(vocab, torch.rand(1, 8), torch.rand(1, 8) + 1)
     fake = build_sequence(vocab, torch.rand(1, 8), torch.rand(1, 8))
     pos = mask_positions(1, 8, 0.25, 0.5)
@@ -111,7 +140,7 @@ def test_mask_sequence_labels_are_the_real_tokens() -> None:
 
 
 def test_straight_through_forward_exact_backward_is_the_neighbour_slope() -> None:
-    vocab = Vocabulary(SequenceConfig(length=8))
+    vocab = Vocabulary(SequenceConfig(length=8, **PAPER))
     weight = torch.randn(vocab.size, 4)
     pet = torch.full((1, 8), 0.0123, requires_grad=True)   # q = 12
     seq = build_sequence(vocab, torch.zeros(1, 8), pet)

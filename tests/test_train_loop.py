@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,15 @@ def test_killed_worker_resumes_to_the_uninterrupted_result(tmp_path: Path, tiny_
     history = MlflowClient(uri).get_metric_history(run_id, "val_psnr")
     assert sorted(m.step for m in history) == [0, 1, 2]
     assert resumed.model_uri and resumed.model_uri.startswith("models:/")
+    # the published model is the generator of the best val epoch, not the last one
+    val = {m.step: m.value for m in history}
+    best_epoch = max(val, key=val.get)
+    assert run.data.tags["best_epoch"] == str(best_epoch)
+    best = json.loads((Path(resumed.best_checkpoint) / "state.json").read_text())["meta"]
+    assert best["epoch"] == best_epoch
+    chosen = load_file(str(Path(resumed.best_checkpoint) / "generator.safetensors"))
+    for k, v in b.items():
+        assert torch.equal(v, chosen[k]), k
 
 
 @pytest.mark.slow

@@ -72,6 +72,8 @@ def step_figures(cfg: Config, steps: int, device: torch.device) -> dict[str, flo
 def bench_step(cfg: Config, steps: int) -> list[dict[str, object]]:
     """Per method: the preset's speed options (bf16 on GPU, channels-last, compile as set) vs all off."""
     device = pick_device()
+    if not cfg.calibrated:  # the random N(0, 1) data below
+        cfg = config_mod.apply(cfg, {"sequence.mri_range": (-4.0, 4.0), "sequence.pet_range": (-4.0, 4.0)})
     rows = []
     for method in METHODS:
         fast_cfg = config_mod.apply(cfg, {"model.method": method, "optim.amp": True, "optim.channels_last": True})
@@ -85,6 +87,30 @@ def bench_step(cfg: Config, steps: int) -> list[dict[str, object]]:
               f"plain {plain['samples_per_s']:8.2f} samples/s peak {plain['peak_mib']:8.0f} MiB | "
               f"speed-up x{rows[-1]['speedup']:.2f}", flush=True)
     return rows
+
+
+def bench_tokens(cfg: Config, data_dir: str) -> list[str]:
+    """Token health of every tracer's val split: the paper's literal scheme (s = 1000) vs the calibrated default.
+
+    Rows: share of real MRI / PET summary values that collide (paper wrap ids) or clip (monotonic), and the
+    distinct value ids they use (of `sequence.vocab_values`).
+    """
+    from ganbert.data import shards
+    from ganbert.train.loop import calibrated, token_health
+
+    lines = ["| tracer | scheme | MRI collide/clip | PET collide/clip | MRI distinct ids | PET distinct ids |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    tracers = sorted({s["tracer"] for s in shards.read_manifest(data_dir)["shards"]})
+    for tracer in tracers:
+        base = config_mod.apply(cfg, {"geometry.tracer": tracer})
+        for name, run_cfg in (("paper, s=1000", config_mod.apply(base, {"sequence.scheme": "paper",
+                                                                       "sequence.scale": 1000.0})),
+                              ("monotonic, calibrated (default)", calibrated(base, data_dir)[0])):
+            h = token_health(run_cfg, data_dir)
+            lines.append(f"| {tracer} | {name} | {h['token_mri_collide_or_clip']:.1%} | "
+                         f"{h['token_pet_collide_or_clip']:.1%} | {h['token_mri_distinct']:.0f} | "
+                         f"{h['token_pet_distinct']:.0f} |")
+    return lines
 
 
 def _machine(device: torch.device) -> str:
@@ -108,6 +134,17 @@ def write_section(title: str, lines: list[str], path: Path = BENCHMARKS) -> None
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
+    if args.what == "tokens":
+        from ganbert.train.loop import data_dir_for
+        data_dir = data_dir_for(cfg, args.data)
+        lines = [f"Command: `ganbert bench tokens --preset {cfg.preset}" + (" --data DIR`" if args.data else
+                                                                             "` (the cached phantom cohort)")
+                 + f": real summaries of each tracer's val split, L = {cfg.sequence.length}, "
+                 f"{cfg.sequence.vocab_values} value ids.", ""] + bench_tokens(cfg, data_dir)
+        if args.write:
+            write_section(f"Token health, {cfg.preset} preset", lines)
+        print("\n".join(lines))
+        return 0
     if args.what == "preprocess":
         from ganbert.data.preprocess import bench_preprocess
         figures = bench_preprocess(cfg)

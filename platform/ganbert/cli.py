@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
 
     p = add("bench", _bench, "print benchmark figures (and update BENCHMARKS.md)")
-    p.add_argument("what", choices=("step", "preprocess"))
+    p.add_argument("what", choices=("step", "preprocess", "tokens"))
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--data", default=None, help="tokens: shards to measure (default: the cached phantom)")
     p.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
     _config_args(p)
 

@@ -66,12 +66,15 @@ class SequenceConfig:
     """Summarising images into L values, quantising them to token ids, and MLM masking."""
 
     length: int = 512
-    scale: float = 1000.0
-    scheme: str = "paper"
+    # `monotonic` (default, ours): each segment's calibrated range [lo, hi] maps linearly onto the value ids,
+    # clipped, collision-free. `paper`: q = round(scale * v) with the paper's wrap-around ids (the ablation).
+    scheme: str = "monotonic"
+    scale: float = 1000.0  # paper scheme only
     vocab_values: int = 10_000
-    wrap: int = 500
-    monotonic_min: int = -5_000
-    monotonic_max: int = 30_000
+    wrap: int = 500  # paper scheme only
+    # Summary-value ranges of the training data (manifest token statistics); (0, 0) = calibrate at train start.
+    mri_range: tuple[float, float] = (0.0, 0.0)
+    pet_range: tuple[float, float] = (0.0, 0.0)
     mri_mask_ratio: float = 0.05
     pet_mask_ratio: float = 0.25
 
@@ -165,6 +168,12 @@ class Config:
         """Number of stride-2 stages from the MRI size down to the bottleneck grid."""
         return int(math.log2(self.geometry.mri_size[0] // self.mri_grid[0]))
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the token space is fixed: the paper scheme, or monotonic with both ranges set."""
+        s = self.sequence
+        return s.scheme == "paper" or ((0.0, 0.0) not in (tuple(s.mri_range), tuple(s.pet_range)))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -209,7 +218,9 @@ def validate(cfg: Config) -> None:
     _check(s.scale > 0, "sequence.scale", f"must be > 0, got {s.scale}")
     _check(s.scheme in SCHEMES, "sequence.scheme", f"must be one of {SCHEMES}, got {s.scheme!r}")
     _check(s.vocab_values > 2 * s.wrap > 0, "sequence.vocab_values", "must exceed 2 * sequence.wrap > 0")
-    _check(s.monotonic_max > s.monotonic_min, "sequence.monotonic_max", "must exceed sequence.monotonic_min")
+    for name, (lo, hi) in (("sequence.mri_range", s.mri_range), ("sequence.pet_range", s.pet_range)):
+        _check((lo, hi) == (0.0, 0.0) or (math.isfinite(lo) and math.isfinite(hi) and hi > lo), name,
+               f"must be (low, high) with high > low, or (0, 0) to calibrate from the data; got {(lo, hi)}")
     for name, ratio in (("sequence.mri_mask_ratio", s.mri_mask_ratio), ("sequence.pet_mask_ratio", s.pet_mask_ratio)):
         _check(0.0 <= ratio < 1.0, name, f"must be in [0, 1), got {ratio}")
     _check(m.method in METHODS, "model.method", f"must be one of {METHODS}, got {m.method!r}")

@@ -38,49 +38,73 @@ def summarise(volume: Tensor, length: int = 512) -> Tensor:
 
 # --- quantising --------------------------------------------------------------------------------
 
-def scaled(values: Tensor, scale: float = 1000.0) -> Tensor:
-    """The continuous value s * v whose rounding is the integer q of SPEC section 3."""
-    return values.float() * scale
+SEGMENTS = ("mri", "pet")
 
 
-def value_ids(q: Tensor, scheme: str = "paper", *, vocab_values: int = 10_000, wrap: int = 500,
-              q_min: int = -5_000, q_max: int = 30_000) -> Tensor:
-    """Integer q (any shape) -> value ids, before special-token handling.
+def scaled(values: Tensor, scale: float = 1000.0, low: float = 0.0) -> Tensor:
+    """The continuous value x = scale * (v - low) whose rounding is the integer q of SPEC section 3."""
+    return (values.float() - low) * scale
 
-    paper: 1 <= q < V -> q; q <= 0 -> (-q) mod wrap; q >= V -> (q mod wrap) + wrap; ids in [0, V).
-    monotonic: clip(q, q_min, q_max) - q_min; ids in [0, q_max - q_min], order-preserving.
+
+def value_ids(q: Tensor, scheme: str = "paper", *, vocab_values: int = 10_000, wrap: int = 500) -> Tensor:
+    """Integer q (any shape) -> value ids in [0, vocab_values), before special-token handling.
+
+    paper: 1 <= q < V -> q; q <= 0 -> (-q) mod wrap; q >= V -> (q mod wrap) + wrap (ids collide on purpose).
+    monotonic: clip(q, 0, V - 1): collision-free and order-preserving inside the calibrated range.
     """
     q = q.long()
     if scheme == "paper":
         ids = torch.where(q <= 0, (-q) % wrap, q)
         return torch.where(q >= vocab_values, q % wrap + wrap, ids)
     if scheme == "monotonic":
-        return q.clamp(q_min, q_max) - q_min
+        return q.clamp(0, vocab_values - 1)
     raise ValueError(f"scheme must be 'paper' or 'monotonic', got {scheme!r}")
 
 
-def quantise(values: Tensor, scale: float = 1000.0, scheme: str = "paper", **kwargs: int) -> Tensor:
-    """Float values (any shape) -> LongTensor value ids of SPEC section 3: q = round(scale * v)."""
+def quantise(values: Tensor, scale: float = 1000.0, scheme: str = "paper", low: float = 0.0, **kwargs: int) -> Tensor:
+    """Float values (any shape) -> LongTensor value ids of SPEC section 3: q = round(scale * (v - low))."""
     if scale <= 0:
         raise ValueError(f"scale must be > 0, got {scale}")
-    return value_ids(torch.round(scaled(values, scale)), scheme, **kwargs)
+    return value_ids(torch.round(scaled(values, scale, low)), scheme, **kwargs)
+
+
+def calibrated_range(quantiles: dict[str, float], margin: float = 0.1) -> tuple[float, float]:
+    """Summary-value range mapped onto the ids: the 0.1..99.9 % quantiles widened by `margin` of their span.
+
+    `quantiles` has keys "q0.001" and "q0.999" (as `data/stats.py` records them in the manifest).
+    """
+    lo, hi = float(quantiles["q0.001"]), float(quantiles["q0.999"])
+    if not hi > lo:
+        hi = lo + 1.0
+    pad = margin * (hi - lo)
+    return lo - pad, hi + pad
 
 
 @dataclass(frozen=True)
 class Vocabulary:
     """Token ids: value ids plus [PAD] [CLS] [SEP] [MASK] [UNK] that no value maps to.
 
-    paper: token = value id (0 .. V-1, so token q is value q), specials follow at V .. V+4.
-    monotonic: specials first at 0 .. 4, then token = value id + 5 (order of tokens = order of values).
+    paper: q = round(scale * v) for both segments; token = value id (0 .. V-1, so token q is value q),
+    specials follow at V .. V+4.
+    monotonic (default): each segment has its calibrated range [lo, hi] (`sequence.mri_range`,
+    `sequence.pet_range`) mapped linearly onto q in 0 .. V-1 and clipped; specials first at 0 .. 4, then
+    token = value id + 5 (order of tokens = order of values within a segment; token types tell them apart).
     """
 
     cfg: SequenceConfig
 
+    def __post_init__(self) -> None:
+        if self.cfg.scheme == "monotonic":
+            for seg in SEGMENTS:
+                lo, hi = getattr(self.cfg, f"{seg}_range")
+                if not hi > lo:
+                    raise ValueError(f"sequence.{seg}_range={(lo, hi)} is not calibrated: the monotonic scheme "
+                                     "needs the summary-value range of the training data (recorded by "
+                                     "`ganbert preprocess` in manifest.json; `ganbert train` fills it in)")
+
     @property
     def n_values(self) -> int:
-        if self.cfg.scheme == "paper":
-            return self.cfg.vocab_values
-        return self.cfg.monotonic_max - self.cfg.monotonic_min + 1
+        return self.cfg.vocab_values
 
     @property
     def value_offset(self) -> int:
@@ -110,17 +134,35 @@ class Vocabulary:
     def mask(self) -> int:
         return self.special("[MASK]")
 
+    def affine(self, segment: str) -> tuple[float, float]:
+        """(scale, low) of a segment: x = scale * (v - low), q = round(x)."""
+        if segment not in SEGMENTS:
+            raise ValueError(f"segment must be one of {SEGMENTS}, got {segment!r}")
+        if self.cfg.scheme == "paper":
+            return self.cfg.scale, 0.0
+        lo, hi = getattr(self.cfg, f"{segment}_range")
+        return (self.n_values - 1) / (hi - lo), lo
+
     def tokens_from_q(self, q: Tensor) -> Tensor:
         """Integer q (any shape) -> token ids."""
-        c = self.cfg
-        ids = value_ids(q, c.scheme, vocab_values=c.vocab_values, wrap=c.wrap, q_min=c.monotonic_min,
-                        q_max=c.monotonic_max)
+        ids = value_ids(q, self.cfg.scheme, vocab_values=self.cfg.vocab_values, wrap=self.cfg.wrap)
         return ids + self.value_offset
 
-    def encode(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Summary values (B, L) -> (token ids (B, L), continuous s*v (B, L) carrying gradients)."""
-        x = scaled(values, self.cfg.scale)
+    def encode(self, values: Tensor, segment: str) -> tuple[Tensor, Tensor]:
+        """Summary values (B, L) of a segment -> (token ids (B, L), continuous x (B, L) carrying gradients)."""
+        x = scaled(values, *self.affine(segment))
         return self.tokens_from_q(torch.round(x.detach())), x
+
+    def health(self, values: Tensor, segment: str) -> dict[str, float]:
+        """Token health of real summary values (any shape): share that collide or clip, and distinct ids used.
+
+        collide_or_clip: paper scheme, q <= 0 or q >= V (ids shared through the wrap); monotonic, q outside
+        0 .. V-1 (clipped to the end ids). distinct: number of distinct value ids the values use.
+        """
+        q = torch.round(scaled(values, *self.affine(segment)))
+        bad = (q < 0) | (q > self.n_values - 1) if self.cfg.scheme == "monotonic" else (q <= 0) | (q >= self.n_values)
+        ids = self.tokens_from_q(q)
+        return {"collide_or_clip": float(bad.float().mean()), "distinct": float(ids.unique().numel())}
 
 
 # --- sequences and masking ---------------------------------------------------------------------
@@ -129,7 +171,7 @@ class Vocabulary:
 class Sequence:
     """A batch of `[CLS] mri [SEP] pet [SEP]` sequences, all `(B, 2L + 3)`.
 
-    `continuous` is s*v at value positions (0 at specials), `value_mask` marks value positions whose
+    `continuous` is x = scale * (v - low) at value positions (0 at specials), `value_mask` marks value positions whose
     embedding receives the straight-through gradient.
     """
 
@@ -149,8 +191,8 @@ def build_sequence(vocab: Vocabulary, mri_values: Tensor, pet_values: Tensor) ->
                          f"and {tuple(pet_values.shape)}")
     b, length = mri_values.shape
     device = mri_values.device
-    mri_tok, mri_x = vocab.encode(mri_values)
-    pet_tok, pet_x = vocab.encode(pet_values)
+    mri_tok, mri_x = vocab.encode(mri_values, "mri")
+    pet_tok, pet_x = vocab.encode(pet_values, "pet")
 
     def special(token: int) -> Tensor:
         return torch.full((b, 1), token, dtype=torch.long, device=device)
@@ -197,9 +239,9 @@ def mask_sequence(vocab: Vocabulary, seq: Sequence, positions: Tensor, labels_fr
 # --- straight-through embedding ------------------------------------------------------------------
 
 def straight_through_embed(weight: Tensor, vocab: Vocabulary, seq: Sequence) -> Tensor:
-    """Token embeddings `(B, S, H)` whose forward value is exact and whose gradient w.r.t. s*v is the slope.
+    """Token embeddings `(B, S, H)` whose forward value is exact and whose gradient w.r.t. x is the slope.
 
-    Forward: `weight[tokens]`. Backward, at value positions: d emb / d(s*v) =
+    Forward: `weight[tokens]`. Backward, at value positions: d emb / dx =
     (weight[tok(q+1)] - weight[tok(q-1)]) / 2, the central slope between neighbouring value bins
     (detached, so BERT's embeddings learn only from the tokens they embed). Masked and special positions
     carry no gradient to the values.

@@ -19,7 +19,7 @@ from ganbert.config import Config
 from ganbert.search_space import load_space, trial_overrides
 from ganbert.tracking import MLflowTracker, default_tracking_uri, find_run
 from ganbert.raysession import ensure_ray
-from ganbert.train.loop import data_dir_for, trainer_for
+from ganbert.train.loop import data_dir_for, fit
 
 
 def trial_config(base: Config, swept: dict[str, Any], sweep: str, trial_id: str) -> Config:
@@ -35,8 +35,7 @@ def run_trial(swept: dict[str, Any], base: dict[str, Any], sweep: str, data_dir:
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(config_mod.from_dict(base), swept, sweep, trial_id)
     tags = {"ganbert.sweep": sweep, **{f"swept.{k}": str(v) for k, v in trial_overrides(swept).items()}}
-    trainer_for(cfg, data_dir, tracking_uri, parent_run_id=parent_run_id, tags=tags,
-                callbacks=[TuneReportCallback()]).fit()
+    fit(cfg, data_dir, tracking_uri, parent_run_id=parent_run_id, tags=tags, callbacks=[TuneReportCallback()])
 
 
 def sweep_name(space_path: str | Path, cfg: Config) -> str:

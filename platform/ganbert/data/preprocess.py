@@ -37,7 +37,7 @@ from scipy import ndimage
 from ganbert.atomic import write_text
 from ganbert.config import TRACERS, Config, GeometryConfig
 from ganbert.raysession import ensure_ray
-from ganbert.data import adni, shards
+from ganbert.data import adni, shards, stats
 from ganbert.data.nifti import Volume, VolumeError, check_values, image_data, read_volume, stack_frames
 
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.1, 99.9
@@ -384,6 +384,8 @@ def run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb: 
     except BaseException:
         writer.abort()
         raise
+    if writer.written or stats.KEY not in manifest:
+        stats.record(out, manifest, cfg.sequence.length)  # token calibration and PET level, once, here
     adni.write_pairs(out / "pairs.csv", ingest.pairs)
     adni.write_issues(out / "unpaired.csv", unpaired)
     adni.write_issues(out / "rejected.csv", rejected)

@@ -41,10 +41,16 @@ class Networks:
         return {k: v for k, v in (("generator", self.generator), ("bert", self.bert), ("cnn", self.cnn)) if v is not None}
 
 
+def pet_fov_ratio(cfg: Config) -> tuple[float, float, float]:
+    """PET field of view over the MRI's, per axis (both centred on the conformed T1's centre)."""
+    g = cfg.geometry
+    return tuple(min(1.0, f / g.mri_fov_mm) for f in g.pet_fov_mm)  # type: ignore[return-value]
+
+
 def build_generator(cfg: Config) -> UNet3D:
     g, m = cfg.geometry, cfg.model
     return UNet3D(g.mri_size[0], g.pet_size, g.pet_frames, cfg.sequence.length, m.base_channels, m.max_channels,
-                  METHODS[m.method].head, cfg.optim.checkpointing)
+                  METHODS[m.method].head, cfg.optim.checkpointing, pet_fov_ratio(cfg))
 
 
 def build_networks(cfg: Config) -> Networks:
@@ -53,5 +59,6 @@ def build_networks(cfg: Config) -> Networks:
     return Networks(
         generator=build_generator(cfg),
         bert=BertDiscriminator(cfg) if method.bert else None,
-        cnn=PatchGAN3D(cfg.geometry.pet_frames, cfg.model.cnn_channels, cfg.model.cnn_layers) if method.cnn else None,
+        cnn=(PatchGAN3D(cfg.geometry.pet_frames, cfg.model.cnn_channels, cfg.model.cnn_layers, pet_fov_ratio(cfg))
+             if method.cnn else None),
     )

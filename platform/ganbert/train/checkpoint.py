@@ -118,17 +118,19 @@ def save_state(path: Path, cfg: Config, nets: Networks, opt: Optimisers, meta: d
     return path
 
 
-def load_state(path: Path, nets: Networks, opt: Optimisers, device: torch.device | str = "cpu",
-               restore_rng: bool = True) -> dict[str, Any]:
-    """Load what `save_state` wrote into `nets` and `opt`; return its meta dict."""
+def load_state(path: Path, nets: Networks, opt: Optimisers, restore_rng: bool = True) -> dict[str, Any]:
+    """Load what `save_state` wrote into `nets` and `opt`; return its meta dict.
+
+    Tensors are read on the CPU and copied into the networks' parameters wherever they live; the optimisers
+    cast their state to their parameters' device, so build `opt` over the networks already on their device.
+    """
     path = Path(path)
     if not (path / STATE).is_file():
         raise ValueError(f"checkpoint {path}: missing {STATE}")
     for name, module in nets.named().items():
-        load_model(unwrap(module), str(path / f"{name}.safetensors"), device=str(device))
+        load_model(unwrap(module), str(path / f"{name}.safetensors"), device="cpu")  # copied onto the params' device
     state = json.loads((path / STATE).read_text())
-    opt.load_state_dict(_join_optimiser(state["optim"], load_file(str(path / "optim.safetensors"),
-                                                                  device=str(device))))
+    opt.load_state_dict(_join_optimiser(state["optim"], load_file(str(path / "optim.safetensors"))))
     if restore_rng:
         set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return state["meta"]

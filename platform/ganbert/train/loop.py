@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import signal
 import tempfile
@@ -22,14 +23,16 @@ import ray.train.torch
 import torch
 
 from ganbert import metrics
+from ganbert.atomic import write_text
 from ganbert.config import Config, from_dict
-from ganbert.data import loader
-from ganbert.models import build_networks
+from ganbert.data import loader, stats
+from ganbert.models import Networks, build_networks
 from ganbert.raysession import ensure_ray
-from ganbert.tracking import Tracker, default_tracking_uri, histogram_png, make_tracker, montage_png
-from ganbert.train.checkpoint import load_state, save_model_dir, save_state
+from ganbert.sequence import Vocabulary
+from ganbert.tracking import MLflowTracker, Tracker, default_tracking_uri, histogram_png, make_tracker, montage_png
+from ganbert.train.checkpoint import STATE, load_generator, load_state, save_model_dir, save_state
 from ganbert.train.device import place_networks
-from ganbert.train.step import Batch, gan_step, make_optimisers, seed_everything, to_batch, unwrap
+from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch, unwrap
 
 FAULT_ENV = "GANBERT_FAULT_AT"  # "epoch:step:rank:marker-file": SIGKILL that worker once (failure tests)
 
@@ -105,6 +108,25 @@ def validate(cfg: Config, generator: torch.nn.Module, data_dir: str, device: tor
     return {f"{split}_{k}": v / n for k, v in sums.items()}
 
 
+def training_state(cfg: Config, device: torch.device, total_steps: int, checkpoint_dir: Path | None,
+                   pet_stats: tuple[float, float], restore_rng: bool = True
+                   ) -> tuple[Networks, Optimisers, dict[str, Any]]:
+    """Networks on `device`, then their optimisers, then the checkpoint (if any) loaded into both.
+
+    The networks are placed first so every optimiser state tensor lands on its parameter's device (a state
+    loaded before the move would stay on the CPU and the first step after a resume would mix devices).
+    """
+    nets = build_networks(cfg)
+    if checkpoint_dir is None and cfg.model.init_output_mean:
+        nets.generator.init_output(*pet_stats)
+    nets = place_networks(nets, cfg, device)
+    opt = make_optimisers(nets, cfg, total_steps)
+    meta: dict[str, Any] = {"epoch": -1, "step": 0, "mlflow_run_id": None}
+    if checkpoint_dir is not None:
+        meta = load_state(checkpoint_dir, nets, opt, restore_rng=restore_rng)
+    return nets, opt, meta
+
+
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: resume if a checkpoint exists, then epochs of GAN steps."""
     cfg = from_dict(loop_cfg["config"])
@@ -114,17 +136,14 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if cfg.run.threads_per_worker:
         torch.set_num_threads(cfg.run.threads_per_worker)
     seed_everything(cfg.run.seed, rank)
-    nets = build_networks(cfg)
     per_epoch = loop_cfg["steps_per_epoch"]
-    opt = make_optimisers(nets, cfg, per_epoch * cfg.optim.epochs)
-    meta: dict[str, Any] = {"epoch": -1, "step": 0, "mlflow_run_id": None}
     checkpoint = ray.train.get_checkpoint()
+    total = per_epoch * cfg.optim.epochs
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            meta = load_state(Path(d), nets, opt, device="cpu", restore_rng=rank == 0)
-    elif cfg.model.init_output_mean:
-        nets.generator.init_output(*loop_cfg["pet_stats"])
-    nets = place_networks(nets, cfg, device)
+            nets, opt, meta = training_state(cfg, device, total, Path(d), loop_cfg["pet_stats"], rank == 0)
+    else:
+        nets, opt, meta = training_state(cfg, device, total, None, loop_cfg["pet_stats"])
     for name, module in nets.named().items():
         setattr(nets, name, ray.train.torch.prepare_model(module, move_to_device=False))
     tracker: Tracker = make_tracker(rank, tracking_uri=loop_cfg["tracking_uri"], experiment=cfg.run.experiment,
@@ -132,6 +151,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                                     parent_run_id=loop_cfg.get("parent_run_id"), tags=loop_cfg.get("tags"))
     if meta["epoch"] < 0:
         tracker.log_params(cfg.flat())
+        tracker.log_metrics(loop_cfg["token_health"], step=0)
     step = meta["step"]
     for epoch in range(meta["epoch"] + 1, cfg.optim.epochs):
         seed_everything(cfg.run.seed + 1000 * (epoch + 1), rank)
@@ -164,13 +184,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                                                          if a.startswith("val_")), flush=True)
                 ckpt = ray.train.Checkpoint.from_directory(str(Path(tmp) / "state"))
             ray.train.report(report, checkpoint=ckpt)
-    if rank == 0:
-        model_dir = save_model_dir(Path(loop_cfg["model_dir"]), cfg, nets.generator)
-        tracker.log_artifact(model_dir / "config.yaml")
-        uri = tracker.log_model(model_dir)
-        if uri:
-            (model_dir / "MODEL_URI").write_text(uri + "\n")
-    tracker.finish()
+    tracker.finish()  # the driver logs the best epoch's generator as the run's model (publish_best)
 
 
 def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
@@ -189,13 +203,29 @@ def normalised_train_pet(data_dir: str, tracer: str, rows: int | None = None) ->
         raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
 
 
-def output_stats(data_dir: str, tracer: str, rows: int = 16) -> tuple[float, float]:
-    """Mean and std of the normalised PET voxels of the first `rows` training rows (generator init)."""
-    total, total_sq, count = 0.0, 0.0, 0
-    for norm in normalised_train_pet(data_dir, tracer, rows):
-        total, total_sq, count = total + float(norm.sum()), total_sq + float(norm.square().sum()), count + norm.numel()
-    mean = total / count
-    return mean, max(total_sq / count - mean**2, 0.0) ** 0.5
+def token_health(cfg: Config, data_dir: str, split: str = "val") -> dict[str, float]:
+    """Token health of a split's real summaries under the run's (calibrated) token space, as MLflow metrics.
+
+    `token_{mri,pet}_collide_or_clip`: share of summary values whose ids collide (paper scheme) or clip
+    (monotonic); `token_{mri,pet}_distinct`: distinct value ids used.
+    """
+    vocab = Vocabulary(cfg.sequence)
+    parts: dict[str, list[np.ndarray]] = {"mri": [], "pet": []}
+    for row in loader.read_rows(data_dir, split, cfg.geometry.tracer):
+        mri, pet, _ = stats.row_summaries(row, cfg.sequence.length)
+        parts["mri"].append(mri)
+        parts["pet"].append(pet)
+    out = {}
+    for seg, values in parts.items():
+        for key, value in vocab.health(torch.from_numpy(np.concatenate(values)), seg).items():
+            out[f"token_{seg}_{key}"] = value
+    return out
+
+
+def calibrated(cfg: Config, data_dir: str) -> tuple[Config, dict[str, Any]]:
+    """The run config with its token space calibrated from the training split, and the split's statistics."""
+    found = stats.for_run(data_dir, cfg.geometry.tracer, cfg.sequence.length)
+    return stats.calibrate(cfg, found), found
 
 
 def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
@@ -204,12 +234,12 @@ def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
     tracer, g = cfg.geometry.tracer, cfg.geometry
     train_ds = loader.read_split(data_dir, "train", tracer, g)
     loader.read_split(data_dir, "val", tracer, g)  # fails early if the val split is missing
+    cfg, found = calibrated(cfg, data_dir)
     storage = str(Path(cfg.run.storage).resolve())
     loop_cfg = {"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "tracking_uri": tracking_uri,
                 "steps_per_epoch": steps_per_epoch(cfg, loader.count_rows(data_dir, "train", tracer)),
-                "pet_stats": output_stats(data_dir, tracer),
-                "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV),
-                "model_dir": str(Path(storage) / cfg.run.name / "model")}
+                "pet_stats": (found["pet_mean"], found["pet_std"]), "token_health": token_health(cfg, data_dir),
+                "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV)}
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
@@ -227,15 +257,35 @@ def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
     )
 
 
-def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainResult:
-    """Train (or resume) one run; returns final metrics, checkpoints and the MLflow model URI."""
-    result = trainer_for(cfg, data_dir, tracking_uri, **kwargs).fit()
+def publish_best(cfg: Config, checkpoint: ray.train.Checkpoint, tracking_uri: str) -> tuple[Path, str | None, str]:
+    """Save the generator of `checkpoint` (the epoch chosen on val) as the run's model dir and MLflow model.
+
+    Returns (model dir, model URI, MLflow run id). The model dir sits beside the run's checkpoints in
+    `run.storage`; the config saved with it is the checkpoint's (calibrated token space included).
+    """
     model_dir = Path(cfg.run.storage).resolve() / cfg.run.name / "model"
-    uri_file = model_dir / "MODEL_URI"
-    best = result.best_checkpoints[0][0].path if result.best_checkpoints else None
+    with checkpoint.as_directory() as d:
+        generator, ckpt_cfg = load_generator(Path(d))
+        meta = json.loads((Path(d) / STATE).read_text())["meta"]
+    save_model_dir(model_dir, ckpt_cfg, generator)
+    tracker = MLflowTracker(tracking_uri, cfg.run.experiment, cfg.run.name, run_id=meta["mlflow_run_id"])
+    with tracker:
+        tracker.set_tags({"best_epoch": str(meta["epoch"]), "best_val_psnr": f"{meta['val_psnr']:.4f}"})
+        tracker.log_artifact(model_dir / "config.yaml")
+        uri = tracker.log_model(model_dir)
+    if uri:
+        write_text(model_dir / "MODEL_URI", uri + "\n")
+    return model_dir, uri, meta["mlflow_run_id"]
+
+
+def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainResult:
+    """Train (or resume) one run, then publish its best-on-val epoch; returns metrics, checkpoints, model URI."""
+    result = trainer_for(cfg, data_dir, tracking_uri, **kwargs).fit()
+    best = result.get_best_checkpoint(metric="val_psnr", mode="max")
+    model_dir, uri, run_id = publish_best(cfg, best, tracking_uri) if best is not None else (None, None, None)
     return TrainResult(metrics=dict(result.metrics or {}), checkpoint=result.checkpoint.path if result.checkpoint else None,
-                       best_checkpoint=best, model_uri=uri_file.read_text().strip() if uri_file.exists() else None,
-                       run_id=None, model_dir=str(model_dir) if model_dir.exists() else None)
+                       best_checkpoint=best.path if best is not None else None, model_uri=uri, run_id=run_id,
+                       model_dir=str(model_dir) if model_dir is not None else None)
 
 
 def data_dir_for(cfg: Config, data: str | None) -> str:

@@ -88,8 +88,15 @@ def make_optimisers(nets: Networks, cfg: Config, total_steps: int) -> Optimisers
 # --- the step ----------------------------------------------------------------------------------
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP (or compile) wrapper; used for forwards that must not sync gradients."""
-    return getattr(module, "module", getattr(module, "_orig_mod", module))
+    """The plain module inside DDP and `torch.compile` wrappers (in any nesting): forwards that must not sync
+    gradients, and state dicts whose keys carry no `module.` / `_orig_mod.` prefix."""
+    while True:
+        inner = getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
 
 
 def _requires_grad(modules: Seq[nn.Module | None], flag: bool) -> None:

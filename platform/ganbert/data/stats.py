@@ -1,0 +1,89 @@
+"""Training-split statistics computed once at preprocessing (manifest `train_stats`): token calibration, PET level.
+
+Per tracer: quantiles of the normalised MRI and PET summary values at one sequence length (the token space is
+calibrated from them, `sequence.calibrated_range`) and the mean / std of the normalised PET voxels (the
+generator's output init). `ganbert train` reads them from the manifest; only shards written before this
+existed, or a run at another `sequence.length`, compute them at start (one pass over the training split).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ganbert.config import TRACERS, Config, apply
+from ganbert.data import loader, shards
+from ganbert.metrics import normalise_mri, normalise_pet
+from ganbert.sequence import calibrated_range, summarise
+
+QUANTILES = (0.0, 0.001, 0.01, 0.5, 0.99, 0.999, 1.0)
+KEY = "train_stats"
+
+
+def row_summaries(row: dict[str, Any], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One shard row -> (MRI summary (L,), PET summary (L,), normalised PET voxels (T*d*h*w,)), float64."""
+    mean, std = torch.tensor([row["mri_mean"]]), torch.tensor([row["mri_std"]])
+    mri = normalise_mri(torch.from_numpy(np.array(row["mri"]))[None], mean, std)
+    pet = normalise_pet(torch.from_numpy(np.array(row["pet"], dtype=np.float64))[None], mean, std)
+    return (summarise(mri.double(), length)[0].numpy(), summarise(pet, length)[0].numpy(), pet.flatten().numpy())
+
+
+def tracer_stats(data_dir: Path | str, tracer: str, length: int) -> dict[str, Any] | None:
+    """Statistics of one tracer's training split (None when it has no training rows)."""
+    mri_parts, pet_parts, total, total_sq, count = [], [], 0.0, 0.0, 0
+    for row in loader.read_rows(data_dir, "train", tracer):
+        mri, pet, voxels = row_summaries(row, length)
+        mri_parts.append(mri)
+        pet_parts.append(pet)
+        total, total_sq, count = total + float(voxels.sum()), total_sq + float(np.square(voxels).sum()), count + voxels.size
+    if not mri_parts:
+        return None
+    mean = total / count
+
+    def quantiles(parts: list[np.ndarray]) -> dict[str, float]:
+        values = np.concatenate(parts)
+        return {f"q{q:g}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))}
+
+    return {"length": length, "rows": len(mri_parts), "mri": quantiles(mri_parts), "pet": quantiles(pet_parts),
+            "pet_mean": mean, "pet_std": max(total_sq / count - mean**2, 0.0) ** 0.5}
+
+
+def compute(data_dir: Path | str, length: int) -> dict[str, dict[str, Any]]:
+    """`{tracer: statistics}` over every tracer with training rows."""
+    out = {}
+    for tracer in TRACERS:
+        found = tracer_stats(data_dir, tracer, length)
+        if found is not None:
+            out[tracer] = found
+    return out
+
+
+def record(data_dir: Path | str, manifest: dict[str, Any], length: int) -> None:
+    """Compute the statistics of `data_dir` and save them in its manifest (at the end of preprocessing)."""
+    manifest[KEY] = compute(data_dir, length)
+    shards.save_manifest(Path(data_dir), manifest)
+
+
+def for_run(data_dir: Path | str, tracer: str, length: int) -> dict[str, Any]:
+    """A tracer's statistics: from the manifest when recorded at this length, else computed now."""
+    recorded = shards.read_manifest(data_dir).get(KEY, {}).get(tracer)
+    if recorded is not None and recorded["length"] == length:
+        return recorded
+    found = tracer_stats(data_dir, tracer, length)
+    if found is None:
+        raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
+    print(f"[stats] {data_dir}: no {KEY} for {tracer} at sequence.length={length} in the manifest; "
+          f"computed from {found['rows']} training rows", flush=True)
+    return found
+
+
+def calibrate(cfg: Config, tracer_stats_: dict[str, Any]) -> Config:
+    """Fill `sequence.mri_range` / `pet_range` left at (0, 0) from the statistics (user-set ranges are kept)."""
+    s, updates = cfg.sequence, {}
+    for seg in ("mri", "pet"):
+        if tuple(getattr(s, f"{seg}_range")) == (0.0, 0.0):
+            updates[f"sequence.{seg}_range"] = calibrated_range(tracer_stats_[seg])
+    return apply(cfg, updates) if updates else cfg
