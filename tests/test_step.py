@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ganbert import config
 from ganbert.models import build_networks
 from ganbert.sequence import Vocabulary, build_sequence, mask_positions, mask_sequence, summarise
-from ganbert.train.step import Batch, gan_step, lr_factor, make_optimisers, seed_everything, to_batch, unwrap
+from ganbert.train.step import Batch, gan_factor, gan_step, lr_factor, make_optimisers, seed_everything, to_batch
 
 # the token space of fixed_batch's summaries (the loop calibrates it from the manifest)
 RANGES = {"sequence.mri_range": (-3.0, 3.0), "sequence.pet_range": (-1.0, 12.0)}
@@ -119,3 +119,30 @@ def test_tiny_preset_learns_on_a_fixed_batch() -> None:
     assert hist[-1]["l1"] <= 0.5 * hist[0]["l1"], (hist[0]["l1"], hist[-1]["l1"])
     late_acc = sum(h["nsp_acc"] for h in hist[-20:]) / 20
     assert late_acc > 0.75, late_acc
+
+
+def test_adversarial_warm_up_and_discriminator_lr_scale() -> None:
+    assert [gan_factor(s, 100, 0.2) for s in (0, 10, 20, 50)] == [0.0, 0.5, 1.0, 1.0]
+    assert gan_factor(0, 100, 0.0) == 1.0
+    cfg = tiny(**{"model.method": "ganbert-cnnd", "optim.d_lr_scale": 0.3, "optim.warmup_fraction": 0.0})
+    opt = make_optimisers(build_networks(cfg), cfg, 10)
+    lrs = {name: adam.param_groups[0]["lr"] for name, adam in opt.adam.items()}
+    assert lrs == pytest.approx({"generator": cfg.optim.lr, "bert": 0.3 * cfg.optim.lr, "cnn": 0.3 * cfg.optim.lr})
+
+
+def test_generator_takes_no_adversarial_gradient_at_the_start_of_the_gan_warm_up() -> None:
+    """At step 0 with a GAN warm-up the generator's update is the L1-only one."""
+    b = fixed_batch()
+    grads = []
+    for overrides in ({"optim.gan_warmup_fraction": 0.5}, {"optim.lambda_nsp": 0.0, "optim.lambda_mlm": 0.0}):
+        seed_everything(0)
+        cfg = tiny(**overrides)
+        nets = build_networks(cfg)
+        opt = make_optimisers(nets, cfg, 10)
+        seen: dict[str, torch.Tensor] = {}
+        for name, p in nets.generator.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda p, name=name: seen.__setitem__(name, p.grad.clone()))
+        gan_step([b], nets, opt, cfg)
+        grads.append(seen)
+    for k, g in grads[0].items():
+        assert torch.allclose(g, grads[1][k], rtol=1e-5, atol=1e-8), k

@@ -110,8 +110,10 @@ class OptimConfig:
     lambda_l1: float = 20.0
     lambda_cnn: float = 1.0
     lr: float = 1e-4
+    d_lr_scale: float = 1.0  # discriminators' (BERT, CNN-D) lr = lr * d_lr_scale
     betas: tuple[float, float] = (0.5, 0.999)
     warmup_fraction: float = 0.05
+    gan_warmup_fraction: float = 0.0  # adversarial weights (NSP, MLM, CNN) ramp linearly from 0 over this share
     batch_size: int = 2
     accumulation: int = 2
     epochs: int = 500
@@ -233,6 +235,9 @@ def validate(cfg: Config) -> None:
     for name in ("lambda_nsp", "lambda_mlm", "lambda_l1", "lambda_cnn", "lr"):
         _check(getattr(o, name) >= 0, f"optim.{name}", f"must be >= 0, got {getattr(o, name)}")
     _check(0.0 <= o.warmup_fraction < 1.0, "optim.warmup_fraction", f"must be in [0, 1), got {o.warmup_fraction}")
+    _check(0.0 <= o.gan_warmup_fraction <= 1.0, "optim.gan_warmup_fraction",
+           f"must be in [0, 1], got {o.gan_warmup_fraction}")
+    _check(o.d_lr_scale > 0, "optim.d_lr_scale", f"must be > 0, got {o.d_lr_scale}")
     for name in ("batch_size", "accumulation", "epochs"):
         _check(getattr(o, name) >= 1, f"optim.{name}", f"must be >= 1, got {getattr(o, name)}")
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be in [0, 1), got {o.betas}")

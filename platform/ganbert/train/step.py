@@ -49,6 +49,13 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 # --- optimisers --------------------------------------------------------------------------------
 
+def gan_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
+    """Weight of the adversarial terms: linear from 0 to 1 over the first `warmup_fraction` of the steps."""
+    if warmup_fraction <= 0:
+        return 1.0
+    return min(1.0, step / (warmup_fraction * total_steps))
+
+
 def lr_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
     """Linear warm-up over `warmup_fraction` of the steps, then linear decay to 0 at `total_steps`."""
     warm = max(1, math.ceil(warmup_fraction * total_steps))
@@ -63,6 +70,12 @@ class Optimisers:
 
     adam: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
+    total_steps: int = 1
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken so far (restored with the schedulers on resume)."""
+        return int(self.schedulers["generator"].last_epoch)
 
     def state_dict(self) -> dict[str, dict]:
         return {f"{kind}.{name}": obj.state_dict() for kind, objs in (("adam", self.adam), ("sched", self.schedulers))
@@ -79,10 +92,11 @@ def make_optimisers(nets: Networks, cfg: Config, total_steps: int) -> Optimisers
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     o = cfg.optim
-    adam = {name: torch.optim.Adam(m.parameters(), lr=o.lr, betas=o.betas) for name, m in nets.named().items()}
+    adam = {name: torch.optim.Adam(m.parameters(), lr=o.lr * (1.0 if name == "generator" else o.d_lr_scale),
+                                   betas=o.betas) for name, m in nets.named().items()}
     scheds = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, o.warmup_fraction))
               for name, opt in adam.items()}
-    return Optimisers(adam, scheds)
+    return Optimisers(adam, scheds, total_steps)
 
 
 # --- the step ----------------------------------------------------------------------------------
@@ -140,7 +154,8 @@ def gan_step(micro_batches: Seq[Batch], nets: Networks, opt: Optimisers, cfg: Co
 
     Per micro-batch: G(mri) once; the discriminators (BERT NSP+MLM on real and generated sequences with the
     same masked positions, CNN-D on real/generated PET) take a gradient on the detached fake; then, with the
-    discriminators frozen, the generator takes lambda_nsp*NSP + lambda_mlm*MLM + lambda_l1*L1 (+ lambda_cnn*CNN).
+    discriminators frozen, the generator takes lambda_nsp*NSP + lambda_mlm*MLM + lambda_l1*L1 (+ lambda_cnn*CNN),
+    the adversarial terms ramped in over `optim.gan_warmup_fraction` of the steps (`gan_factor`).
     NSP labels follow HF: 0 = real ("is next"), 1 = generated; the generator's NSP target is 0.
     Networks may be DDP-wrapped: all but the last micro-batch run under `no_sync`; the generator loss runs
     the unwrapped discriminators so it never syncs their (frozen) gradients.
@@ -150,6 +165,7 @@ def gan_step(micro_batches: Seq[Batch], nets: Networks, opt: Optimisers, cfg: Co
         raise ValueError("micro_batches must not be empty")
     s, o = cfg.sequence, cfg.optim
     g, bert, cnn = nets.generator, nets.bert, nets.cnn
+    adv = gan_factor(opt.step, opt.total_steps, o.gan_warmup_fraction)
     vocab = Vocabulary(s) if bert is not None else None
     n = len(micro_batches)
     sums: dict[str, float] = {}
@@ -195,11 +211,11 @@ def gan_step(micro_batches: Seq[Batch], nets: Networks, opt: Optimisers, cfg: Co
                 nsp_g, mlm_g = unwrap(bert)(gen_m, positions)
                 out["nsp_g"] = F.cross_entropy(nsp_g.float(), torch.zeros(b, dtype=torch.long, device=device))
                 out["mlm_g"] = _mlm_loss(mlm_g, gen_labels[positions])
-                loss_g = loss_g + o.lambda_nsp * out["nsp_g"] + o.lambda_mlm * out["mlm_g"]
+                loss_g = loss_g + adv * (o.lambda_nsp * out["nsp_g"] + o.lambda_mlm * out["mlm_g"])
             if cnn is not None:
                 fake_l = unwrap(cnn)(batch.mri, fake).float()
                 out["cnn_g"] = F.binary_cross_entropy_with_logits(fake_l, torch.ones_like(fake_l))
-                loss_g = loss_g + o.lambda_cnn * out["cnn_g"]
+                loss_g = loss_g + adv * o.lambda_cnn * out["cnn_g"]
             (loss_g / n).backward()
             _requires_grad([bert, cnn], True)
         for key, value in out.items():

@@ -1,0 +1,56 @@
+"""Training-split statistics recorded once at preprocessing: token calibration and the PET level."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ganbert import config
+from ganbert.data import loader, shards, stats
+from ganbert.sequence import Vocabulary
+
+
+def test_preprocess_records_train_stats_per_tracer(tiny_run) -> None:
+    manifest = shards.read_manifest(tiny_run.out)
+    recorded = manifest[stats.KEY]
+    assert set(recorded) == set(config.TRACERS)
+    for tracer, found in recorded.items():
+        assert found["length"] == config.tiny().sequence.length
+        assert found["rows"] == loader.count_rows(tiny_run.out, "train", tracer)
+        for seg in ("mri", "pet"):
+            values = [found[seg][f"q{q:g}"] for q in stats.QUANTILES]
+            assert values == sorted(values)
+    # the PET level over every training voxel, as the generator init uses it
+    found = recorded["AV45"]
+    voxels = np.concatenate([stats.row_summaries(r, 64)[2] for r in loader.read_rows(tiny_run.out, "train", "AV45")])
+    assert found["pet_mean"] == pytest.approx(voxels.mean(), rel=1e-9)
+    assert found["pet_std"] == pytest.approx(voxels.std(), rel=1e-6)
+
+
+def test_for_run_reads_the_manifest_or_computes_another_length(tiny_run) -> None:
+    recorded = shards.read_manifest(tiny_run.out)[stats.KEY]["FDG"]
+    assert stats.for_run(tiny_run.out, "FDG", 64) == recorded
+    other = stats.for_run(tiny_run.out, "FDG", 8)
+    assert other["length"] == 8 and other["pet"]["q1"] <= recorded["pet"]["q1"]  # max over bigger blocks
+
+
+def test_calibrated_token_space_keeps_real_summaries_healthy(tiny_run) -> None:
+    """At the defaults, under 5% of real MRI and PET summary values clip; the paper's s=1000 wraps most PET."""
+    base = config.tiny()
+    cfg = stats.calibrate(base, stats.for_run(tiny_run.out, "AV45", 64))
+    assert cfg.calibrated and not base.calibrated
+    vocab, paper = Vocabulary(cfg.sequence), Vocabulary(config.apply(base, {"sequence.scheme": "paper"}).sequence)
+    rows = list(loader.read_rows(tiny_run.out, "val", "AV45")) + list(loader.read_rows(tiny_run.out, "test", "AV45"))
+    for seg, index in (("mri", 0), ("pet", 1)):
+        values = torch.from_numpy(np.concatenate([stats.row_summaries(r, 64)[index] for r in rows]))
+        assert vocab.health(values, seg)["collide_or_clip"] < 0.05
+        assert vocab.health(values, seg)["distinct"] > 0.9 * values.unique().numel()
+    pet = torch.from_numpy(np.concatenate([stats.row_summaries(r, 64)[1] for r in rows]))
+    assert paper.health(pet, "pet")["collide_or_clip"] > 0.5
+
+
+def test_calibrate_keeps_ranges_the_user_set(tiny_run) -> None:
+    found = stats.for_run(tiny_run.out, "AV45", 64)
+    cfg = stats.calibrate(config.apply(config.tiny(), {"sequence.pet_range": (0.0, 500.0)}), found)
+    assert cfg.sequence.pet_range == (0.0, 500.0) and cfg.sequence.mri_range != (0.0, 0.0)
