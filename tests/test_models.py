@@ -190,3 +190,15 @@ def test_generator_output_is_float32_off_the_bf16_lattice_under_autocast() -> No
     assert out.dtype == torch.float32
     on_lattice = (out == out.to(torch.bfloat16).float()).float().mean()
     assert on_lattice < 0.2, float(on_lattice)
+
+
+def test_init_output_with_the_mean_pet_volume_starts_at_that_volume() -> None:
+    g = build_generator(tiny())
+    torch.nn.init.zeros_(g.out.weight)
+    volume = torch.rand(2, 14, 12, 12) * 120 - 5
+    g.init_output(volume, 30.0)
+    out = g(torch.randn(2, 1, 32, 32, 32))
+    assert torch.allclose(out, volume.expand_as(out), atol=1e-3)
+    assert "out_offset" in g.state_dict()
+    with pytest.raises(ValueError, match="mean"):
+        g.init_output(torch.zeros(2, 3, 3, 3), 1.0)

@@ -56,10 +56,12 @@ def test_generator_gets_gradients_from_each_bert_loss_alone(loss_name: str) -> N
     ("ganbert-cnnd", {"l1", "nsp_d", "nsp_g", "mlm_d", "mlm_g", "cnn_d", "cnn_g", "nsp_acc"}),
     ("pix2pix-tanh", {"l1", "cnn_d", "cnn_g"}),
     ("pix2pix-tanhshrink", {"l1", "cnn_d", "cnn_g"}),
+    ("ganbert", {"l1"}),   # with lambda_nsp = lambda_mlm = 0 below: the L1-only U-Net, no BERT at all
 ])
 def test_step_returns_the_methods_float_losses_and_updates_every_network(method: str, keys: set) -> None:
     seed_everything(0)
-    cfg = tiny(**{"model.method": method})
+    off = {"optim.lambda_nsp": 0.0, "optim.lambda_mlm": 0.0} if keys == {"l1"} else {}
+    cfg = tiny(**{"model.method": method, **off})
     nets = build_networks(cfg)
     before = {k: copy.deepcopy(m.state_dict()) for k, m in nets.named().items()}
     losses = gan_step([fixed_batch()], nets, make_optimisers(nets, cfg, 10), cfg)

@@ -30,7 +30,12 @@ def test_preprocess_records_train_stats_per_tracer(tiny_run) -> None:
 
 def test_for_run_reads_the_manifest_or_computes_another_length(tiny_run) -> None:
     recorded = shards.read_manifest(tiny_run.out)[stats.KEY]["FDG"]
-    assert stats.for_run(tiny_run.out, "FDG", 64) == recorded
+    found = stats.for_run(tiny_run.out, "FDG", 64)
+    volume = found.pop("pet_mean_volume")
+    assert found == recorded
+    pets = [stats.row_summaries(r, 64)[2] for r in loader.read_rows(tiny_run.out, "train", "FDG")]
+    assert volume.shape == (2, 14, 12, 12)
+    assert np.allclose(volume.ravel(), np.mean(pets, axis=0), rtol=1e-5, atol=1e-4)
     other = stats.for_run(tiny_run.out, "FDG", 8)
     assert other["length"] == 8 and other["pet"]["q1"] <= recorded["pet"]["q1"]  # max over bigger blocks
 

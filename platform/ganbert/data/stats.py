@@ -1,18 +1,21 @@
 """Training-split statistics computed once at preprocessing (manifest `train_stats`): token calibration, PET level.
 
 Per tracer: quantiles of the normalised MRI and PET summary values at one sequence length (the token space is
-calibrated from them, `sequence.calibrated_range`) and the mean / std of the normalised PET voxels (the
-generator's output init). `ganbert train` reads them from the manifest; only shards written before this
+calibrated from them, `sequence.calibrated_range`), the mean / std of the normalised PET voxels and the mean
+PET volume (the generator's output init). `ganbert train` reads them from the manifest; only shards written before this
 existed, or a run at another `sequence.length`, compute them at start (one pass over the training split).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ganbert.config import TRACERS, Config, apply
 from ganbert.data import loader, shards
@@ -21,6 +24,7 @@ from ganbert.sequence import calibrated_range, summarise
 
 QUANTILES = (0.0, 0.001, 0.01, 0.5, 0.99, 0.999, 1.0)
 KEY = "train_stats"
+VOLUMES = "train_mean_pet.safetensors"
 
 
 def row_summaries(row: dict[str, Any], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -32,23 +36,30 @@ def row_summaries(row: dict[str, Any], length: int) -> tuple[np.ndarray, np.ndar
 
 
 def tracer_stats(data_dir: Path | str, tracer: str, length: int) -> dict[str, Any] | None:
-    """Statistics of one tracer's training split (None when it has no training rows)."""
-    mri_parts, pet_parts, total, total_sq, count = [], [], 0.0, 0.0, 0
+    """Statistics of one tracer's training split (None when it has no training rows).
+
+    "pet_mean_volume" (float32 `(T, d, h, w)`, normalised units) is the voxelwise mean training PET; the
+    rest is JSON-able.
+    """
+    mri_parts, pet_parts, total, total_sq, count, volume = [], [], 0.0, 0.0, 0, None
     for row in loader.read_rows(data_dir, "train", tracer):
         mri, pet, voxels = row_summaries(row, length)
         mri_parts.append(mri)
         pet_parts.append(pet)
         total, total_sq, count = total + float(voxels.sum()), total_sq + float(np.square(voxels).sum()), count + voxels.size
-    if not mri_parts:
+        volume = voxels if volume is None else volume + voxels
+    if not mri_parts or volume is None:
         return None
     mean = total / count
+    shape = np.asarray(next(loader.read_rows(data_dir, "train", tracer))["pet"]).shape
 
     def quantiles(parts: list[np.ndarray]) -> dict[str, float]:
         values = np.concatenate(parts)
         return {f"q{q:g}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))}
 
     return {"length": length, "rows": len(mri_parts), "mri": quantiles(mri_parts), "pet": quantiles(pet_parts),
-            "pet_mean": mean, "pet_std": max(total_sq / count - mean**2, 0.0) ** 0.5}
+            "pet_mean": mean, "pet_std": max(total_sq / count - mean**2, 0.0) ** 0.5,
+            "pet_mean_volume": (volume / len(mri_parts)).reshape(shape).astype(np.float32)}
 
 
 def compute(data_dir: Path | str, length: int) -> dict[str, dict[str, Any]]:
@@ -62,16 +73,32 @@ def compute(data_dir: Path | str, length: int) -> dict[str, dict[str, Any]]:
 
 
 def record(data_dir: Path | str, manifest: dict[str, Any], length: int) -> None:
-    """Compute the statistics of `data_dir` and save them in its manifest (at the end of preprocessing)."""
-    manifest[KEY] = compute(data_dir, length)
+    """Compute the statistics of `data_dir` and save them (at the end of preprocessing).
+
+    Numbers go into the manifest; the mean PET volumes into `VOLUMES` beside it (safetensors, one tensor per
+    tracer), named and hashed in the manifest.
+    """
+    found = compute(data_dir, length)
+    volumes = {tracer: torch.from_numpy(st.pop("pet_mean_volume")) for tracer, st in found.items()}
+    path = Path(data_dir) / VOLUMES
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(volumes, str(tmp))
+    os.replace(tmp, path)
+    manifest[KEY] = found
+    manifest[KEY + "_volumes"] = {"file": VOLUMES, "sha256": shards.sha256_file(path)}
     shards.save_manifest(Path(data_dir), manifest)
 
 
 def for_run(data_dir: Path | str, tracer: str, length: int) -> dict[str, Any]:
-    """A tracer's statistics: from the manifest when recorded at this length, else computed now."""
-    recorded = shards.read_manifest(data_dir).get(KEY, {}).get(tracer)
-    if recorded is not None and recorded["length"] == length:
-        return recorded
+    """A tracer's statistics (with its mean PET volume): from the manifest when recorded at this length,
+    else computed now."""
+    manifest = shards.read_manifest(data_dir)
+    recorded = manifest.get(KEY, {}).get(tracer)
+    volumes = Path(data_dir) / VOLUMES
+    if recorded is not None and recorded["length"] == length and volumes.is_file():
+        with safe_open(str(volumes), framework="np") as f:
+            if tracer in f.keys():
+                return recorded | {"pet_mean_volume": f.get_tensor(tracer)}
     found = tracer_stats(data_dir, tracer, length)
     if found is None:
         raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")

@@ -54,11 +54,17 @@ def build_generator(cfg: Config) -> UNet3D:
 
 
 def build_networks(cfg: Config) -> Networks:
-    """Build the generator and the method's discriminators from the config (nothing is downloaded)."""
-    method = METHODS[cfg.model.method]
+    """Build the generator and the method's discriminators from the config (nothing is downloaded).
+
+    A discriminator whose every generator weight is 0 (e.g. the L1-only U-Net: ganbert with lambda_nsp =
+    lambda_mlm = 0) is not built: it could not change the generator, and training it would only cost time.
+    """
+    method, o = METHODS[cfg.model.method], cfg.optim
+    use_bert = method.bert and (o.lambda_nsp > 0 or o.lambda_mlm > 0)
+    use_cnn = method.cnn and o.lambda_cnn > 0
     return Networks(
         generator=build_generator(cfg),
-        bert=BertDiscriminator(cfg) if method.bert else None,
+        bert=BertDiscriminator(cfg) if use_bert else None,
         cnn=(PatchGAN3D(cfg.geometry.pet_frames, cfg.model.cnn_channels, cfg.model.cnn_layers, pet_fov_ratio(cfg))
-             if method.cnn else None),
+             if use_cnn else None),
     )

@@ -125,19 +125,24 @@ class UNet3D(nn.Module):
         self.targets = fov_targets(mri_size, self.pet_size, depth, self.pet_fov_ratio)
         self.out = nn.Conv3d(ch[0], frames, 1)
         self.register_buffer("out_scale", torch.ones(()))  # fixed gain on the pre-activation (init_output)
+        self.register_buffer("out_offset", torch.zeros(frames, *self.pet_size))  # fixed offset (init_output)
 
     @torch.no_grad()
-    def init_output(self, mean: float, std: float = 1.0) -> None:
-        """Start at the data's level and spread: pre-activation gain `std`, bias mapping 0 to `mean`.
+    def init_output(self, mean: float | Tensor, std: float = 1.0) -> None:
+        """Start at the data's level and spread: pre-activation gain `std` and a fixed offset mapping 0 to `mean`.
 
-        Normalised PET spans tens of units while the decoder's features are O(1) and Adam moves weights
-        by about lr per step; the fixed gain `out_scale` = max(std, 1) lets the output move in data units.
-        The head's inverse is solved numerically (tanhshrink) or with atanh (tanh, clipped to (-1, 1)),
-        so training starts at the mean instead of at 0, where tanhshrink is flat.
+        `mean` is a number or the mean training PET volume `(T, d, h, w)` (normalised units): the generator
+        then starts as the population-mean PET and learns each subject's deviation from it. Normalised PET
+        spans tens of units while the decoder's features are O(1) and Adam moves weights by about lr per
+        step; the fixed gain `out_scale` = max(std, 1) lets the output move in data units. The head's inverse
+        is solved numerically (tanhshrink) or with atanh (tanh, clipped to (-1, 1)); both are buffers saved
+        with the weights.
         """
         if std <= 0:
             raise ValueError(f"std must be > 0, got {std}")
-        target = torch.tensor(float(mean), dtype=torch.float64)
+        target = torch.as_tensor(mean, dtype=torch.float64)
+        if target.ndim and tuple(target.shape) != tuple(self.out_offset.shape):
+            raise ValueError(f"mean must be a number or {tuple(self.out_offset.shape)}, got {tuple(target.shape)}")
         if self.head == "tanh":
             x = torch.atanh(target.clamp(-0.99, 0.99))
         else:
@@ -145,7 +150,8 @@ class UNet3D(nn.Module):
             for _ in range(50):  # Newton on x - tanh(x) = target; derivative tanh(x)^2
                 x = x - (x - torch.tanh(x) - target) / torch.tanh(x).square().clamp_min(1e-3)
         self.out_scale.fill_(max(float(std), 1.0))
-        self.out.bias.fill_(float(x) / float(self.out_scale))
+        self.out.bias.zero_()
+        self.out_offset.copy_(x.to(self.out_offset.dtype).expand_as(self.out_offset))
 
     def _run(self, module: nn.Module, *args: Tensor) -> Tensor:
         if self.checkpointing and self.training and torch.is_grad_enabled():
@@ -167,4 +173,4 @@ class UNet3D(nn.Module):
             x = self._run(up, x, skip)
         # float32 head: a bf16 output would put generated values on a lattice real PET does not have (an NSP cue)
         with _no_autocast(x.device):
-            return HEADS[self.head](self.out(x.float()) * self.out_scale)
+            return HEADS[self.head](self.out(x.float()) * self.out_scale + self.out_offset)

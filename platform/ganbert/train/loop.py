@@ -109,7 +109,7 @@ def validate(cfg: Config, generator: torch.nn.Module, data_dir: str, device: tor
 
 
 def training_state(cfg: Config, device: torch.device, total_steps: int, checkpoint_dir: Path | None,
-                   pet_stats: tuple[float, float], restore_rng: bool = True
+                   pet_stats: tuple[np.ndarray | float, float], restore_rng: bool = True
                    ) -> tuple[Networks, Optimisers, dict[str, Any]]:
     """Networks on `device`, then their optimisers, then the checkpoint (if any) loaded into both.
 
@@ -118,7 +118,7 @@ def training_state(cfg: Config, device: torch.device, total_steps: int, checkpoi
     """
     nets = build_networks(cfg)
     if checkpoint_dir is None and cfg.model.init_output_mean:
-        nets.generator.init_output(*pet_stats)
+        nets.generator.init_output(torch.as_tensor(pet_stats[0]), pet_stats[1])
     nets = place_networks(nets, cfg, device)
     opt = make_optimisers(nets, cfg, total_steps)
     meta: dict[str, Any] = {"epoch": -1, "step": 0, "mlflow_run_id": None}
@@ -238,7 +238,7 @@ def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
     storage = str(Path(cfg.run.storage).resolve())
     loop_cfg = {"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "tracking_uri": tracking_uri,
                 "steps_per_epoch": steps_per_epoch(cfg, loader.count_rows(data_dir, "train", tracer)),
-                "pet_stats": (found["pet_mean"], found["pet_std"]), "token_health": token_health(cfg, data_dir),
+                "pet_stats": (found["pet_mean_volume"], found["pet_std"]), "token_health": token_health(cfg, data_dir),
                 "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV)}
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
