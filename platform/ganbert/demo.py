@@ -19,6 +19,7 @@ from ganbert.atomic import write_text
 from ganbert.evaluate import Evaluation, evaluate_split, generator_predictor, mean_pet, write_evaluation
 from ganbert.raysession import ensure_ray
 from ganbert.synthesize import synthesize_file
+from ganbert.tracking import set_runs_view
 from ganbert.train import loop
 from ganbert.train.checkpoint import load_generator
 
@@ -109,10 +110,13 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
           "val; PSNR/SSIM/RMSE on restored PET in the paper range [-10, 1000]; rel = each volume over its own "
           "in-brain mean; W1 = Wasserstein distance of in-brain intensities):")
     print(format_table(rows))
+    view = set_runs_view(tracking_uri, cfg.run.experiment, ["model.method", "optim.lambda_nsp", "optim.lambda_mlm"],
+                         ["val_psnr", "val_ssim", "val_rmse", "val_psnr01", "val_ssim01"])
     say("done")
     print(f"\nfigures: {figures} (montage.png, histogram.png)")
     print(f"Ray Train storage: {cfg.run.storage}/{cfg.run.name}")
-    print(f"open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1")
+    print(f"open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1, then "
+          f"http://127.0.0.1:5000/{view} (runs side by side: swept params, val metrics, models)")
     print(f"synthesise another T1: .venv/bin/ganbert synthesize --model {result.model_uri or result.model_dir} "
           f"--tracking-uri {tracking_uri} --mri T1.nii.gz --out PET.nii.gz")
     print(f"model: {result.model_uri or result.model_dir}")

@@ -281,9 +281,35 @@ def run_study(study: Study, base: Config, data_dir: str, tracking_uri: str, seed
     return results
 
 
+VIEW_PARAMS = ["model.method", "geometry.tracer", "run.seed", "optim.lambda_nsp", "optim.lambda_mlm"]
+VIEW_METRICS = ["val_psnr", "test_psnr", "test_ssim", "test_rmse", "test_psnr_rel", "test_ssim_rel", "test_wasserstein",
+                "test_suvr_mape", "test_positivity_agreement"]
+
+
+def link_best_models(tracking_uri: str, parent_run_id: str, results: list[dict[str, Any]]) -> list[str]:
+    """List on the parent run the logged model of each trained row x tracer's best seed by validation PSNR."""
+    from mlflow import MlflowClient
+
+    from ganbert.tracking import link_model
+
+    client = MlflowClient(tracking_uri)
+    best: dict[tuple[str, str], tuple[float, str]] = {}
+    for r in results:
+        if not r.get("run_id") or r.get("seed") is None:
+            continue
+        vals = [m.value for m in client.get_metric_history(r["run_id"], "val_psnr") if math.isfinite(m.value)]
+        uri = client.get_run(r["run_id"]).data.tags.get("model_uri")
+        key = (r["row"], r["tracer"])
+        if vals and uri and (key not in best or max(vals) > best[key][0]):
+            best[key] = (max(vals), uri)
+    for _, uri in best.values():
+        link_model(tracking_uri, parent_run_id, uri)
+    return [uri for _, uri in best.values()]
+
+
 def main(args: argparse.Namespace, cfg: Config) -> int:
     from ganbert.raysession import ensure_ray
-    from ganbert.tracking import MLflowTracker, default_tracking_uri, find_run
+    from ganbert.tracking import MLflowTracker, default_tracking_uri, find_run, set_runs_view
     from ganbert.train.loop import data_dir_for
 
     study = load_study(args.space, cfg)
@@ -306,6 +332,10 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         for path in (md, png, js):
             parent.log_artifact(path)
         parent.log_metrics({"study_seconds": seconds}, step=0)
+        link_best_models(tracking_uri, str(parent.run_id), results)
+    view = set_runs_view(tracking_uri, cfg.run.experiment, VIEW_PARAMS, VIEW_METRICS, tags=["ganbert.row"])
     print(md.read_text())
     print(f"wrote {md}, {png} and {js}; wall time {seconds:.0f} s; tracking: {tracking_uri}")
+    print(f"compare in the MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1, then open "
+          f"http://127.0.0.1:5000/{view}")
     return 0
