@@ -71,7 +71,6 @@ def mean_pet(data_dir: str, tracer: str) -> MeanPET:
     return MeanPET((total / n).float())
 
 
-@torch.no_grad()
 def generator_predictor(generator: nn.Module, device: torch.device | str = "cpu") -> Predictor:
     """Row -> restored PET (T, d, h, w) float32: MRI normalised by its stored statistics, G, restore_pet."""
     generator.eval()
