@@ -40,6 +40,7 @@ def test_link_model_lists_a_childs_model_on_the_parent(tmp_path: Path) -> None:
     with MLflowTracker(uri, "abl", "sweep") as parent, MLflowTracker(uri, "abl", "trial", parent_run_id=parent.run_id) as child:
         model = client.create_logged_model(experiment_id=child.experiment_id, name="model", source_run_id=child.run_id)
         link_model(uri, str(parent.run_id), f"models:/{model.model_id}")
+        link_model(uri, str(parent.run_id), f"models:/{model.model_id}")  # a resumed sweep links again
     outputs = client.get_run(str(parent.run_id)).outputs
     assert [m.model_id for m in outputs.model_outputs] == [model.model_id]
     with pytest.raises(ValueError, match="model_uri"):

@@ -335,13 +335,18 @@ def set_runs_view(tracking_uri: str, experiment: str, params: list[str], metrics
 
 
 def link_model(tracking_uri: str, run_id: str, model_uri: str) -> None:
-    """List a logged model (`models:/<id>`) in a run's Models column too (e.g. a sweep's best on its parent)."""
+    """Record a logged model (`models:/<id>`) as an output of a run too (a sweep's best on its parent); idempotent."""
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelOutput
 
     if not model_uri.startswith("models:/"):
         raise ValueError(f"model_uri must be models:/<model id>, got {model_uri!r}")
-    MlflowClient(tracking_uri).log_outputs(run_id, [LoggedModelOutput(model_uri[len("models:/"):], step=0)])
+    client = MlflowClient(tracking_uri)
+    model_id = model_uri[len("models:/"):]
+    outputs = client.get_run(run_id).outputs
+    if any(m.model_id == model_id for m in (outputs.model_outputs if outputs else [])):
+        return  # already listed (a resumed sweep or study links again)
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
 
 
 def make_tracker(rank: int, **kwargs: Any) -> Tracker:
