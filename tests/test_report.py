@@ -126,3 +126,29 @@ def test_main_writes_files_and_logs_report_run(store: tuple[str, dict[str, str]]
     args.out = str(tmp_path / "again")
     assert report.main(args) == 0
     assert (tmp_path / "again" / "report.md").read_text().split("Tracking store")[1] == md.split("Tracking store")[1]
+
+
+def test_report_shows_test_metrics_of_study_runs(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("study", artifact_location=(tmp_path / "artifacts").as_uri())
+    for seed, (val, test) in enumerate([(20.0, 19.0), (22.0, 21.0)]):
+        rid = _run(client, exp_id, f"l1-s{seed}", "ganbert", "AV45", [val])
+        client.set_tag(rid, "ganbert.row", "L1-only U-Net")
+        client.log_metric(rid, "test_psnr", test, step=0)
+        client.log_metric(rid, "test_ssim_rel", 0.5 + seed / 10, step=0)
+    base = client.create_run(exp_id, run_name="mean").info.run_id  # a baseline: test metrics, no val history
+    client.log_param(base, "model.method", "mean-pet")
+    client.log_param(base, "geometry.tracer", "AV45")
+    client.set_tag(base, "ganbert.row", "mean-PET")
+    client.log_metric(base, "test_psnr", 18.5, step=0)
+    client.set_terminated(base, "FINISHED")
+    plain = _run(client, exp_id, "no-test", "pix2pix-tanh", "FDG", [15.0])  # no test metrics: not in that table
+    args = argparse.Namespace(experiment="study", tracking_uri=uri, out=str(tmp_path / "out"))
+    assert report.main(args) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    test_part = md.split("## Test split")[1].split("## The paper's numbers")[0]
+    assert "| L1-only U-Net | AV45 | 2 | 20.00 ± 1.41 | – | – | – | – | 0.550 ± 0.071 |" in test_part
+    assert "| mean-PET | AV45 | 1 | 18.50 | – |" in test_part
+    assert "FDG" not in test_part and plain not in test_part
+    assert "| pix2pix-tanh | – | – | – | – | – | – | – | – | 15.00 |" in md  # the val table is unchanged

@@ -27,7 +27,7 @@ def _write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
 
 
 def test_shipped_files_are_the_expected_set() -> None:
-    assert sorted(p.name for p in SPACES.glob("*.yaml")) == sorted(EXPECTED_GRID)
+    assert sorted(p.name for p in SPACES.glob("*.yaml")) == sorted([*EXPECTED_GRID, "study.yaml"])  # study: ganbert study
 
 
 @pytest.mark.parametrize("preset", ["tiny", "paper"])

@@ -1,4 +1,4 @@
-"""The `ganbert` command line: `ganbert {phantom,preprocess,train,tune,report,synthesize,bench,demo} --help`."""
+"""The `ganbert` command line: `ganbert {phantom,preprocess,train,tune,evaluate,study,report,synthesize,bench,demo} --help`."""
 
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ def _train(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from ganbert import tune
     return tune.main(args, load_config(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ganbert import evaluate
+    return evaluate.main(args)
+
+
+def _study(args: argparse.Namespace) -> int:
+    from ganbert import study
+    return study.main(args, load_config(args))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -99,6 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--asha", action="store_true", help="ASHA early stopping on val PSNR")
     p.add_argument("--max-concurrent", type=int, default=1)
+    _config_args(p)
+
+    p = add("evaluate", _evaluate, "per-subject test metrics of a model or the mean-PET baseline (subjects.csv, "
+            "summary.json)")
+    p.add_argument("--model", default=None, help="MLflow model URI (models:/..., runs:/...) or a model/checkpoint folder")
+    p.add_argument("--baseline", default=None, choices=("mean-pet",), help="evaluate a baseline instead of a model")
+    p.add_argument("--data", required=True, help="preprocessed shards")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--tracer", default=None, help="default: the model's tracer (baseline: the split's only tracer)")
+    p.add_argument("--out", required=True, help="output folder (subjects.csv, summary.json, figures/)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
+    p.add_argument("--tracking-uri", default=None, help="log the summary to MLflow at this URI")
+    p.add_argument("--experiment", default="evaluate", help="MLflow experiment (with --tracking-uri)")
+
+    p = add("study", _study, "train every row x tracer of a study with N seeds, select on val, evaluate on test: "
+            "the paper's Tables 1/2 with mean +- sd")
+    p.add_argument("--space", default="search_spaces/study.yaml", help="study YAML (rows and tracers)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per row and tracer (run.seed + 0..N-1)")
+    p.add_argument("--data", default=None, help="preprocessed shards (default: a cached phantom cohort)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--out", default=None, help="output folder (default runs/study/<name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
     _config_args(p)
 
     p = add("report", _report, "write the method x tracer table (paper Tables 1/2) from MLflow")

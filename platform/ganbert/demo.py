@@ -1,5 +1,6 @@
 """The main job, `make demo` (= `ganbert demo --out runs/demo`): phantom cohort -> Ray Data preprocessing ->
-Ray Train (demo preset, CPU workers) -> test-split evaluation -> synthesis of a held-out subject.
+Ray Train (demo preset, CPU workers: the configured method, then the L1-only U-Net) -> test-split evaluation
+(`ganbert.evaluate`, checkpoints chosen on val, beside the mean-PET baseline) -> synthesis of a held-out subject.
 
 Everything is written under --out; the last three lines are `model:`, `tracking:` and `synthesized:`.
 """
@@ -7,41 +8,20 @@ Everything is written under --out; the last three lines are `model:`, `tracking:
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
-
-import torch
-from torch import nn
 
 from ganbert import config as config_mod
 from ganbert.config import TRACERS, Config
 from ganbert.data import loader, phantom, preprocess, shards
 from ganbert.atomic import write_text
+from ganbert.evaluate import Evaluation, evaluate_split, generator_predictor, mean_pet, write_evaluation
 from ganbert.raysession import ensure_ray
 from ganbert.synthesize import synthesize_file
+from ganbert.tracking import set_runs_view
 from ganbert.train import loop
 from ganbert.train.checkpoint import load_generator
-
-
-class MeanPET(nn.Module):
-    """Baseline 'generator': the mean normalised training PET, whatever the MRI (same shape as G's output)."""
-
-    def __init__(self, mean: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean)
-
-    def forward(self, mri: torch.Tensor) -> torch.Tensor:
-        return self.mean.expand(mri.shape[0], *self.mean.shape)
-
-
-def mean_pet(data_dir: str, tracer: str) -> MeanPET:
-    """Streamed mean of the normalised training PET volumes of a tracer."""
-    total, n = None, 0
-    for norm in loop.normalised_train_pet(data_dir, tracer):
-        total = norm if total is None else total + norm
-        n += 1
-    assert total is not None  # normalised_train_pet raises on an empty split
-    return MeanPET((total / n).float())
 
 
 class Clock:
@@ -52,6 +32,18 @@ class Clock:
 
     def __call__(self, message: str) -> None:
         print(f"[demo {time.perf_counter() - self.start:6.1f}s] {message}", flush=True)
+
+
+def format_table(rows: list[tuple[str, Evaluation]]) -> str:
+    """The demo's closing Markdown table: one line per model, mean over the test subjects."""
+    cols = (("psnr", "PSNR", 2), ("ssim", "SSIM", 4), ("rmse", "RMSE", 2), ("psnr_rel", "PSNR rel", 2),
+            ("ssim_rel", "SSIM rel", 4), ("wasserstein", "W1", 2), ("suvr_mape", "SUVR MAPE %", 2))
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, evaluation in rows:
+        s = evaluation.summary
+        cells = ["–" if s.get(k) is None or not math.isfinite(s[k]) else f"{s[k]:.{d}f}" for k, _, d in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def held_out_t1(raw: Path, data_dir: str, tracer: str) -> tuple[str, Path]:
@@ -84,33 +76,47 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     summary = preprocess.run(raw, Path(data_dir), cfg)
     say(f"shards: {summary.get('rows')} rows in {data_dir} ({summary.get('rejected')} rejected)")
 
-    say(f"training {cfg.model.method} on {tracer}: {cfg.optim.epochs} epochs, {cfg.run.workers} Ray Train worker(s)")
-    result = loop.fit(cfg, data_dir, tracking_uri)
-    say(f"trained: {result.metrics.get('step')} steps; checkpoint {result.checkpoint}")
+    trained = []
+    l1 = config_mod.apply(cfg, {"model.method": "ganbert", "optim.lambda_nsp": 0.0, "optim.lambda_mlm": 0.0,
+                                "run.name": f"{cfg.run.name}-l1"})
+    for label, run_cfg in ((cfg.model.method, cfg), ("L1-only U-Net", l1)):
+        say(f"training {label} on {tracer}: {run_cfg.optim.epochs} epochs, {run_cfg.run.workers} Ray Train worker(s)")
+        res = loop.fit(run_cfg, data_dir, tracking_uri)
+        say(f"trained {label}: {res.metrics.get('step')} steps; best-val checkpoint {res.best_checkpoint}")
+        trained.append((label, res))
+    result = trained[0][1]
 
-    generator, _ = load_generator(Path(result.model_dir))
-    device = torch.device("cpu")
+    say("evaluating on the test split (checkpoints chosen on val)")
     figures = out / "figures"
-    rows = [(cfg.model.method, loop.validate(cfg, generator, data_dir, device, figures, split="test")),
-            ("mean-PET baseline", loop.validate(cfg, mean_pet(data_dir, tracer), data_dir, device, split="test"))]
+    rows: list[tuple[str, Evaluation]] = []
+    for label, res in trained:
+        generator, _ = load_generator(Path(res.best_checkpoint or res.model_dir))
+        rows.append((label, evaluate_split(generator_predictor(generator), data_dir, "test", tracer,
+                                           figures=figures if not rows else None)))
+    rows.append(("mean-PET baseline", evaluate_split(generator_predictor(mean_pet(data_dir, tracer)), data_dir,
+                                                     "test", tracer)))
+    for label, evaluation in rows:
+        write_evaluation(out / "evaluation" / label.replace(" ", "-"), evaluation, {"name": label, "split": "test",
+                                                                                  "tracer": tracer})
     n_test = loader.count_rows(data_dir, "test", tracer)
+    generator, _ = load_generator(Path(result.model_dir))  # the logged model (`model:` below)
 
     subject, t1 = held_out_t1(raw, data_dir, tracer)
     target = out / "synthesized" / f"{subject}_{tracer}_pet.nii.gz"
     say(f"synthesising held-out subject {subject} from {t1.name}")
     synthesize_file(generator, cfg, t1, target)
 
-    print(f"\nResults on the test split ({n_test} {tracer} subjects never seen in training; restored PET units, "
-          "paper range [-10, 1000]):")
-    print("| model | PSNR | SSIM | RMSE | PSNR [0,1] | SSIM [0,1] |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, m in rows:
-        print(f"| {name} | {m['test_psnr']:.2f} | {m['test_ssim']:.4f} | {m['test_rmse']:.2f} | "
-              f"{m['test_psnr01']:.2f} | {m['test_ssim01']:.4f} |")
+    print(f"\nResults on the test split ({n_test} {tracer} subjects never seen in training; checkpoints chosen on "
+          "val; PSNR/SSIM/RMSE on restored PET in the paper range [-10, 1000]; rel = each volume over its own "
+          "in-brain mean; W1 = Wasserstein distance of in-brain intensities):")
+    print(format_table(rows))
+    view = set_runs_view(tracking_uri, cfg.run.experiment, ["model.method", "optim.lambda_nsp", "optim.lambda_mlm"],
+                         ["val_psnr", "val_ssim", "val_rmse", "val_psnr01", "val_ssim01"])
     say("done")
     print(f"\nfigures: {figures} (montage.png, histogram.png)")
     print(f"Ray Train storage: {cfg.run.storage}/{cfg.run.name}")
-    print(f"open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1")
+    print(f"open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1, then "
+          f"http://127.0.0.1:5000/{view} (runs side by side: swept params, val metrics, models)")
     print(f"synthesise another T1: .venv/bin/ganbert synthesize --model {result.model_uri or result.model_dir} "
           f"--tracking-uri {tracking_uri} --mri T1.nii.gz --out PET.nii.gz")
     print(f"model: {result.model_uri or result.model_dir}")

@@ -198,30 +198,7 @@ def ssim3d(pred: Tensor, target: Tensor, data_range: float, sigma: float = 1.5) 
     gaussian-weighted local statistics (truncate 3.5), K1 = 0.01, K2 = 0.03, averaged over the voxels
     at least one window radius from the border (skimage's crop). Computed in float64.
     """
-    _check_pair(pred, target)
-    dr = _check_data_range(data_range)
-    if not (math.isfinite(float(sigma)) and sigma > 0):
-        raise ValueError(f"sigma must be finite and > 0, got {sigma}")
-    win = ssim_window(sigma)
-    spatial = tuple(pred.shape[2:])
-    if min(spatial) < win:
-        raise ValueError(f"pred spatial shape {spatial} is smaller than the SSIM window {win} (sigma {sigma})")
-
-    b, c = pred.shape[:2]
-    x = pred.to(torch.float64).reshape(b * c, 1, *spatial)
-    y = target.to(torch.float64).reshape(b * c, 1, *spatial)
-    n = b * c
-    # One filtering pass over the five maps of all (sample, channel) pairs at once.
-    maps = torch.cat([x, y, x * x, y * y, x * y], dim=0)
-    filtered = _gaussian_valid(maps, _gaussian_kernel1d(float(sigma), maps.device))
-    ux, uy, uxx, uyy, uxy = filtered.split(n, dim=0)
-    vx = uxx - ux * ux
-    vy = uyy - uy * uy
-    vxy = uxy - ux * uy
-    c1 = (SSIM_K1 * dr) ** 2
-    c2 = (SSIM_K2 * dr) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.reshape(b, c, -1).mean(dim=2).mean(dim=1)
+    return ssim_map(pred, target, data_range, sigma).flatten(1).mean(dim=1)
 
 
 def evaluate(pred_restored: Tensor, target_restored: Tensor) -> dict[str, Tensor]:
@@ -248,3 +225,169 @@ def evaluate(pred_restored: Tensor, target_restored: Tensor) -> dict[str, Tensor
         "psnr01": psnr(pred01, target01, 1.0),
         "ssim01": ssim3d(pred01, target01, 1.0),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-volume evaluation metrics (SPEC section 9): inside a brain mask, scale-free, distributions, SUVR
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_volume_mask(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """pred, target: (T, d, h, w) of one shape; mask: (d, h, w), non-empty. Returns the mask as bool."""
+    for name, t in (("pred", pred), ("target", target)):
+        if not isinstance(t, Tensor) or t.ndim != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must have shape (T, d, h, w), got {shape}")
+    if pred.shape != target.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} differs from pred shape {tuple(pred.shape)}")
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(pred.shape[1:]):
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have shape {tuple(pred.shape[1:])} (d, h, w), got {shape}")
+    m = mask.to(device=pred.device, dtype=torch.bool)
+    if not bool(m.any()):
+        raise ValueError("mask must select at least one voxel")
+    return m
+
+
+def masked_psnr(pred: Tensor, target: Tensor, mask: Tensor, data_range: float) -> float:
+    """PSNR over the voxels of every frame inside `mask`: 10 log10(data_range^2 / mean squared error there).
+
+    pred, target: (T, d, h, w); mask: (d, h, w), nonzero = inside. Computed in float64; +inf if equal there.
+    """
+    m = _check_volume_mask(pred, target, mask)
+    dr = _check_data_range(data_range)
+    diff = (pred.to(torch.float64) - target.to(torch.float64))[:, m]
+    return float(10.0 * torch.log10(torch.tensor(dr * dr, dtype=torch.float64) / diff.square().mean()))
+
+
+def ssim_map(pred: Tensor, target: Tensor, data_range: float, sigma: float = 1.5) -> Tensor:
+    """Local 3D SSIM map (skimage's gaussian statistics) on the valid region, averaged over channels.
+
+    pred, target: (B, C, D, H, W). Returns float64 (B, D-2r, H-2r, W-2r), r = window radius (5 for
+    sigma 1.5): the voxels at least r from the border, whose mean is `ssim3d`.
+    """
+    _check_pair(pred, target)
+    dr = _check_data_range(data_range)
+    if not (math.isfinite(float(sigma)) and sigma > 0):
+        raise ValueError(f"sigma must be finite and > 0, got {sigma}")
+    win = ssim_window(sigma)
+    spatial = tuple(pred.shape[2:])
+    if min(spatial) < win:
+        raise ValueError(f"pred spatial shape {spatial} is smaller than the SSIM window {win} (sigma {sigma})")
+    b, c = pred.shape[:2]
+    x = pred.to(torch.float64).reshape(b * c, 1, *spatial)
+    y = target.to(torch.float64).reshape(b * c, 1, *spatial)
+    n = b * c
+    maps = torch.cat([x, y, x * x, y * y, x * y], dim=0)
+    filtered = _gaussian_valid(maps, _gaussian_kernel1d(float(sigma), maps.device))
+    ux, uy, uxx, uyy, uxy = filtered.split(n, dim=0)
+    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+    c1, c2 = (SSIM_K1 * dr) ** 2, (SSIM_K2 * dr) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.reshape(b, c, *s.shape[2:]).mean(dim=1)
+
+
+def masked_ssim(pred: Tensor, target: Tensor, mask: Tensor, data_range: float, sigma: float = 1.5) -> float:
+    """Mean of the local SSIM map (`ssim_map`, frames averaged) over the mask voxels of its valid region.
+
+    pred, target: (T, d, h, w); mask: (d, h, w). With an all-ones mask this equals `ssim3d`. Raises
+    ValueError naming `mask` when no mask voxel lies at least one window radius from the border.
+    """
+    m = _check_volume_mask(pred, target, mask)
+    s = ssim_map(pred[None], target[None], data_range, sigma)[0]
+    r = (ssim_window(sigma) - 1) // 2
+    inner = m[r: m.shape[0] - r, r: m.shape[1] - r, r: m.shape[2] - r]
+    if not bool(inner.any()):
+        raise ValueError(f"mask has no voxel at least {r} voxels from the border (the SSIM window radius)")
+    return float(s[inner].mean())
+
+
+def in_mask_mean(volume: Tensor, mask: Tensor) -> float:
+    """Mean of a (T, d, h, w) volume over every frame's voxels inside the (d, h, w) mask, in float64."""
+    m = _check_volume_mask(volume, volume, mask)
+    return float(volume.to(torch.float64)[:, m].mean())
+
+
+def relative(volume: Tensor, mask: Tensor) -> Tensor:
+    """A (T, d, h, w) volume divided by its own in-mask mean (scale-free: dose and calibration cancel).
+
+    Returns float64 (T, d, h, w). Raises ValueError naming `volume` when that mean is not finite and > 0.
+    """
+    mean = in_mask_mean(volume, mask)
+    if not (math.isfinite(mean) and mean > 0):
+        raise ValueError(f"volume must have a finite, positive mean inside the mask, got {mean}")
+    return volume.to(torch.float64) / mean
+
+
+def wasserstein1d(a: Tensor, b: Tensor) -> float:
+    """1-D Wasserstein (earth mover's) distance between two samples of values (any shapes, flattened).
+
+    Integral of |F_a - F_b| over the pooled sorted values, as scipy.stats.wasserstein_distance(a, b).
+    """
+    x = a.detach().reshape(-1).to(torch.float64).cpu()
+    y = b.detach().reshape(-1).to(torch.float64).cpu()
+    if x.numel() == 0 or y.numel() == 0:
+        raise ValueError(f"a and b must be non-empty, got {x.numel()} and {y.numel()} values")
+    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+        raise ValueError("a and b must be finite")
+    xs, ys = torch.sort(x).values, torch.sort(y).values
+    pooled = torch.sort(torch.cat([xs, ys])).values
+    deltas = pooled[1:] - pooled[:-1]
+    cdf_x = torch.searchsorted(xs, pooled[:-1], right=True).to(torch.float64) / xs.numel()
+    cdf_y = torch.searchsorted(ys, pooled[:-1], right=True).to(torch.float64) / ys.numel()
+    return float(((cdf_x - cdf_y).abs() * deltas).sum())
+
+
+def regional_suvr(volume: Tensor, labels: Tensor, reference: tuple[int, ...]) -> dict[int, float]:
+    """Regional SUVR: mean of the frame-averaged volume in each label / its mean in the reference labels.
+
+    volume: (T, d, h, w); labels: (d, h, w) integer region ids (0 = none); reference: the reference
+    region ids (pooled). Returns {label id: SUVR} for every non-zero, non-reference label present.
+    """
+    if not isinstance(volume, Tensor) or volume.ndim != 4:
+        raise ValueError(f"volume must have shape (T, d, h, w), got {getattr(volume, 'shape', type(volume))}")
+    if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(volume.shape[1:]):
+        raise ValueError(f"labels must have shape {tuple(volume.shape[1:])}, got {getattr(labels, 'shape', labels)}")
+    if not reference:
+        raise ValueError("reference must name at least one region id")
+    img = volume.to(torch.float64).mean(dim=0)
+    lab = labels.to(device=img.device, dtype=torch.int64)
+    ref_mask = torch.isin(lab, torch.tensor(list(reference), device=img.device))
+    if not bool(ref_mask.any()):
+        raise ValueError(f"labels contain none of the reference region ids {reference}")
+    ref = float(img[ref_mask].mean())
+    if not (math.isfinite(ref) and ref > 0):
+        raise ValueError(f"volume must have a finite, positive mean in the reference region, got {ref}")
+    out: dict[int, float] = {}
+    for key in torch.unique(lab).tolist():
+        if key != 0 and key not in reference:
+            out[int(key)] = float(img[lab == key].mean()) / ref
+    return out
+
+
+def suvr_mape(pred: Tensor, target: Tensor, labels: Tensor, reference: tuple[int, ...]) -> float:
+    """Mean absolute % error of the regional SUVRs of `pred` against those of `target` (same regions).
+
+    pred, target: (T, d, h, w); labels: (d, h, w); reference: reference region ids.
+    """
+    real = regional_suvr(target, labels, reference)
+    fake = regional_suvr(pred, labels, reference)
+    if not real:
+        raise ValueError("labels contain no region besides the reference")
+    return float(sum(abs(fake[k] - v) / abs(v) for k, v in real.items()) / len(real) * 100.0)
+
+
+def composite_suvr(volume: Tensor, labels: Tensor, targets: tuple[int, ...], reference: tuple[int, ...]) -> float:
+    """SUVR of the pooled `targets` regions (voxel-weighted) over the pooled reference regions.
+
+    volume: (T, d, h, w); labels: (d, h, w). Raises ValueError naming `labels` if a pool is empty.
+    """
+    img = volume.to(torch.float64).mean(dim=0)
+    lab = labels.to(device=img.device, dtype=torch.int64)
+    pools = []
+    for name, ids in (("targets", targets), ("reference", reference)):
+        m = torch.isin(lab, torch.tensor(list(ids), device=img.device))
+        if not bool(m.any()):
+            raise ValueError(f"labels contain none of the {name} region ids {ids}")
+        pools.append(float(img[m].mean()))
+    return pools[0] / pools[1]

@@ -16,6 +16,11 @@ SELECT_METRIC = "val_psnr"
 REPORT_METRICS = ("val_psnr", "val_ssim", "val_rmse", "val_psnr01", "val_ssim01")
 REPORT_RUN_NAME = "report"
 KIND_TAG = "ganbert.kind"
+ROW_TAG = "ganbert.row"
+TEST_PREFIX = "test_"
+TEST_COLUMNS = (("psnr", "PSNR", 2), ("ssim", "SSIM", 3), ("rmse", "RMSE", 3), ("psnr_brain", "PSNR brain", 2),
+                ("psnr_rel", "PSNR rel", 2), ("ssim_rel", "SSIM rel", 3), ("wasserstein", "W1", 3),
+                ("suvr_mape", "SUVR MAPE %", 2), ("positivity_agreement", "positivity", 2))
 
 # SPEC section 7: the paper's ADNI3 results (PSNR, SSIM, RMSE); the paper gives no best epoch.
 PAPER_RESULTS: dict[tuple[str, str], tuple[float, float, float]] = {
@@ -48,8 +53,9 @@ def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     runs: [{"run_id": str, "run_name": str, "params": {"model.method": .., "geometry.tracer": ..},
             "history": {"val_psnr": {epoch: value}, "val_ssim": {...}, ...}}, ...]
     Runs without method/tracer params or without a finite val_psnr are skipped. Returns rows
-    {"method", "tracer", "run_id", "run_name", "best_epoch", "psnr", "ssim", "rmse", "psnr01", "ssim01", "runs"}
-    (a metric missing at the best epoch is None), ordered by method then tracer in SPEC order.
+    {"method", "tracer", "run_id", "run_name", "best_epoch", "psnr", "ssim", "rmse", "psnr01", "ssim01", "runs",
+    "test"} (a metric missing at the best epoch is None; "test": the run's `test` dict, {} without one),
+    ordered by method then tracer in SPEC order.
     """
     if not isinstance(runs, list):
         raise ValueError(f"runs must be a list of run dicts, got {type(runs).__name__}")
@@ -69,7 +75,7 @@ def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
               for name, metric in (("psnr", "val_psnr"), ("ssim", "val_ssim"), ("rmse", "val_rmse"),
                                    ("psnr01", "val_psnr01"), ("ssim01", "val_ssim01"))}
         row = {"method": key[0], "tracer": key[1], "run_id": run.get("run_id"), "run_name": run.get("run_name"),
-               "best_epoch": epoch, **at}
+               "best_epoch": epoch, "test": dict(run.get("test") or {}), **at}
         if key not in best or row["psnr"] > best[key]["psnr"]:
             best[key] = row
     rows: list[dict[str, Any]] = []
@@ -77,6 +83,33 @@ def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for tracer in _order([k[1] for k in best if k[0] == method], TRACERS):
             rows.append({**best[(method, tracer)], "runs": counts[(method, tracer)]})
     return rows
+
+
+def test_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Test-split metrics (from `ganbert study` / `ganbert evaluate`) per row and tracer: mean and sd over runs.
+
+    runs: build_table's run dicts with "test": {metric: value} (without the `test_` prefix) and optionally
+    "row" (the study row; default the method). Returns [{"name", "tracer", "n", "stats": {metric: (mean, sd)}}]
+    for the groups with any test metric; sd is the sample sd (0 for one run).
+    """
+    groups: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for run in runs:
+        test = run.get("test") or {}
+        tracer = run.get("params", {}).get(TRACER_KEY)
+        name = run.get("row") or run.get("params", {}).get(METHOD_KEY)
+        if test and tracer and name:
+            groups.setdefault((str(name), str(tracer)), []).append(test)
+    out = []
+    for (name, tracer), tests in sorted(groups.items(), key=lambda kv: (kv[0][1] not in TRACERS, kv[0][1], kv[0][0])):
+        stats: dict[str, tuple[float, float]] = {}
+        for metric, _, _ in TEST_COLUMNS:
+            vals = [t[metric] for t in tests if metric in t and math.isfinite(t[metric])]
+            if vals:
+                mean = sum(vals) / len(vals)
+                sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+                stats[metric] = (mean, sd)
+        out.append({"name": name, "tracer": tracer, "n": len(tests), "stats": stats})
+    return out
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -98,8 +131,10 @@ def _grid_table(cells: dict[tuple[str, str], tuple[str, ...]], methods: list[str
     return lines
 
 
-def render_markdown(rows: list[dict[str, Any]], experiment: str, tracking_uri: str, n_runs: int) -> str:
-    """report.md: this experiment's table, the runs behind it, and the paper's numbers for reference."""
+def render_markdown(rows: list[dict[str, Any]], experiment: str, tracking_uri: str, n_runs: int,
+                    tests: list[dict[str, Any]] | None = None) -> str:
+    """report.md: this experiment's table, the runs behind it, test metrics where runs have them, and the
+    paper's numbers as text (its PET units and ranges differ from the phantom's: no shared axis)."""
     methods = _order([r["method"] for r in rows] + list(METHODS), METHODS)
     tracers = _order([r["tracer"] for r in rows] + list(TRACERS), TRACERS)
     ours = {(r["method"], r["tracer"]): (_fmt(r["psnr"], 2), _fmt(r["ssim"], 3), _fmt(r["rmse"], 3),
@@ -118,6 +153,21 @@ def render_markdown(rows: list[dict[str, Any]], experiment: str, tracking_uri: s
     for r in rows:
         lines.append(f"| {r['method']} | {r['tracer']} | {r['run_name'] or '–'} | `{r['run_id']}` | {r['runs']} | "
                      f"{_fmt(r['psnr01'], 2)} | {_fmt(r['ssim01'], 3)} |")
+    if tests:
+        lines += ["", "## Test split", "",
+                  "Runs evaluated on the test split (`ganbert study`: each run's checkpoint chosen on val); "
+                  "mean ± sd over the runs of a row (seeds).", "",
+                  "| row | tracer | runs | " + " | ".join(c[1] for c in TEST_COLUMNS) + " |",
+                  "|---|---|---:|" + "---:|" * len(TEST_COLUMNS)]
+        for t in tests:
+            cells = []
+            for metric, _, digits in TEST_COLUMNS:
+                if metric not in t["stats"]:
+                    cells.append("–")
+                    continue
+                mean, sd = t["stats"][metric]
+                cells.append(f"{mean:.{digits}f} ± {sd:.{digits}f}" if t["n"] > 1 else f"{mean:.{digits}f}")
+            lines.append(f"| {t['name']} | {t['tracer']} | {t['n']} | " + " | ".join(cells) + " |")
     lines += ["", "## The paper's numbers (for reference, not from this experiment)", "",
               "Shin et al., GANBERT, Tables 1 and 2 (ADNI3; 64 V100, about 500 epochs; no best epoch "
               "given). – = not reported.", ""]
@@ -126,9 +176,11 @@ def render_markdown(rows: list[dict[str, Any]], experiment: str, tracking_uri: s
 
 
 def render_png(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Grouped bar chart: validation PSNR per method (bars) per tracer (groups); the paper's values as markers."""
+    """Grouped bar chart: best validation PSNR per method (bars) per tracer (groups).
+
+    The paper's values are not drawn: its ADNI PET units and ranges differ from ours (see report.md's text table).
+    """
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     from ganbert.tracking import save_png
@@ -144,13 +196,7 @@ def render_png(rows: list[dict[str, Any]], path: Path) -> Path:
         heights = [psnr.get((method, t)) for t in tracers]
         shown = [(x, h) for x, h in zip(xs, heights) if h is not None and math.isfinite(h)]
         ax.bar([x for x, _ in shown], [h for _, h in shown], width, color=f"C{i % 10}")
-        paper = [(x, PAPER_RESULTS[(method, t)][0]) for x, t in zip(xs, tracers) if (method, t) in PAPER_RESULTS]
-        if paper:
-            ax.scatter([x for x, _ in paper], [v for _, v in paper], marker="_", s=200, color="black",
-                       linewidths=2, zorder=3)
     handles = [Patch(color=f"C{i % 10}", label=m) for i, m in enumerate(methods)]
-    handles.append(Line2D([], [], marker="_", markersize=14, markeredgewidth=2, color="black", linestyle="",
-                          label="paper"))
     ax.set_xticks(range(len(tracers)), tracers)
     ax.set_ylabel("validation PSNR (dB)")
     ax.set_title("best validation PSNR per method and tracer")
@@ -166,7 +212,8 @@ def _history(client: Any, run_id: str, metric: str) -> dict[int, float]:
 
 
 def collect_runs(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
-    """All finished runs of the experiment (sweep children included) as build_table's run dicts."""
+    """All finished runs of the experiment (sweep and study children included) as build_table's run dicts,
+    plus "test" ({metric: latest value} of its `test_*` metrics) and "row" (its `ganbert.row` tag or None)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -182,8 +229,10 @@ def collect_runs(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
             if run.data.tags.get(KIND_TAG) == REPORT_RUN_NAME or METHOD_KEY not in run.data.params:
                 continue
             history = {m: _history(client, run.info.run_id, m) for m in REPORT_METRICS if m in run.data.metrics}
+            test = {k[len(TEST_PREFIX):]: float(v) for k, v in run.data.metrics.items() if k.startswith(TEST_PREFIX)}
             runs.append({"run_id": run.info.run_id, "run_name": run.info.run_name,
-                         "params": dict(run.data.params), "history": history})
+                         "params": dict(run.data.params), "history": history, "test": test,
+                         "row": run.data.tags.get(ROW_TAG)})
         token = page.token
         if not token:
             return runs
@@ -198,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
     rows = build_table(runs)
     out = Path(args.out)
     md = out / "report.md"
-    write_text(md, render_markdown(rows, args.experiment, uri, len(runs)))
+    write_text(md, render_markdown(rows, args.experiment, uri, len(runs), test_table(runs)))
     png = render_png(rows, out / "report.png")
     with MLflowTracker(uri, args.experiment, REPORT_RUN_NAME, tags={KIND_TAG: REPORT_RUN_NAME}) as tracker:
         tracker.log_artifact(md)

@@ -22,6 +22,12 @@ GENERATOR_FILE = "generator.safetensors"
 CONFIG_FILE = "config.yaml"
 MODEL_ARTIFACT = "model_dir"
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment in its GenAI overview unless this experiment tag says model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# A runs-table view stored on the experiment (MLflow's "share view"); opened with ?viewStateShareKey=<key>.
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+VIEW_KEY = "ganbert-compare"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 # MLflow's server-side limits (mlflow.utils.validation): checked here so a long value is truncated, not rejected.
@@ -146,10 +152,12 @@ def ensure_experiment(tracking_uri: str, experiment: str) -> str:
     if found is not None:
         if found.lifecycle_stage == "deleted":
             raise ValueError(f"experiment {experiment!r} is deleted; restore it or pick another name")
+        if EXPERIMENT_KIND_TAG not in found.tags:  # made before ganbert tagged its experiments
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return str(found.experiment_id)
     try:
-        return str(client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri,
-                                                                                             experiment)))
+        return str(client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri, experiment),
+                                             tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}))
     except MlflowException:
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -281,6 +289,64 @@ class MLflowTracker:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.finish("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
+
+
+def runs_view_state(params: list[str], metrics: list[str], tags: list[str] | None = None,
+                    order_by: str | None = "val_psnr") -> dict[str, Any]:
+    """An MLflow 3 runs-table view: Models plus these param / metric / tag columns, sorted by a metric (desc).
+
+    Sorting by a metric also lists a sweep's child runs flat instead of folded under their parent.
+    """
+    columns = ["attributes.`Models`"] + [f"params.`{k}`" for k in params] + [f"metrics.`{k}`" for k in metrics]
+    columns += [f"tags.`{k}`" for k in tags or []]
+    state: dict[str, Any] = {"selectedColumns": columns, "columnOrder": [], "columnWidths": {}}
+    if order_by:
+        state.update(orderByKey=f"metrics.`{order_by}`", orderByAsc=False)
+    return state
+
+
+def ui_path(experiment_id: str, key: str | None = VIEW_KEY) -> str:
+    """The MLflow UI path (after http://host:port/) of an experiment's runs in the model-training view."""
+    query = "workflowType=machine_learning" + (f"&viewStateShareKey={key}" if key else "")
+    return f"#/experiments/{experiment_id}/runs?{query}"
+
+
+def set_runs_view(tracking_uri: str, experiment: str, params: list[str], metrics: list[str],
+                  tags: list[str] | None = None, order_by: str | None = "val_psnr", key: str = VIEW_KEY,
+                  name: str = "ganbert: compare runs") -> str:
+    """Save `runs_view_state` as a named view of the experiment (its Views menu); returns `ui_path` opening it.
+
+    Stored as MLflow's saved-view experiment tag `mlflow.sharedViewState.<key>`; saving again replaces it.
+    """
+    import json
+
+    from mlflow import MlflowClient
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        raise ValueError(f"key must be letters, digits, '-' or '_', got {key!r}")
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    now = int(time.time() * 1000)
+    state = json.dumps(runs_view_state(params, metrics, tags, order_by), separators=(",", ":"))
+    value = json.dumps({"name": name, "createdAt": now, "updatedAt": now, "state": state}, separators=(",", ":"))
+    if len(value) > MAX_TAG_LENGTH:
+        raise ValueError(f"params/metrics: the view needs {len(value)} characters, over MLflow's {MAX_TAG_LENGTH}")
+    MlflowClient(tracking_uri).set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + key, value)
+    return ui_path(experiment_id, key)
+
+
+def link_model(tracking_uri: str, run_id: str, model_uri: str) -> None:
+    """Record a logged model (`models:/<id>`) as an output of a run too (a sweep's best on its parent); idempotent."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput
+
+    if not model_uri.startswith("models:/"):
+        raise ValueError(f"model_uri must be models:/<model id>, got {model_uri!r}")
+    client = MlflowClient(tracking_uri)
+    model_id = model_uri[len("models:/"):]
+    outputs = client.get_run(run_id).outputs
+    if any(m.model_id == model_id for m in (outputs.model_outputs if outputs else [])):
+        return  # already listed (a resumed sweep or study links again)
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
 
 
 def make_tracker(rank: int, **kwargs: Any) -> Tracker:

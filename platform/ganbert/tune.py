@@ -16,8 +16,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from ganbert import config as config_mod
 from ganbert.config import Config
-from ganbert.search_space import load_space, trial_overrides
-from ganbert.tracking import MLflowTracker, default_tracking_uri, find_run
+from ganbert.search_space import BUNDLE_KEY, load_space, trial_overrides
+from ganbert.tracking import MLflowTracker, default_tracking_uri, find_run, link_model, set_runs_view
 from ganbert.raysession import ensure_ray
 from ganbert.train.loop import data_dir_for, fit
 
@@ -74,8 +74,32 @@ def run_sweep(space_path: str | Path, cfg: Config, data_dir: str, tracking_uri: 
     best = results.get_best_result() if len(results) else None
     if best is not None and best.metrics:
         parent.log_metrics({f"best_{space.metric}": float(best.metrics.get(space.metric, float("nan")))}, step=0)
+        best_run = find_run(tracking_uri, cfg.run.experiment, f"{name}-{best.metrics.get('trial_id')}")
+        if best_run:  # the best trial's model is listed on the parent row too
+            from mlflow import MlflowClient
+
+            uri = MlflowClient(tracking_uri).get_run(best_run).data.tags.get("model_uri")
+            if uri:
+                link_model(tracking_uri, str(parent.run_id), uri)
+                parent.set_tags({"best_model_uri": uri, "best_run_id": best_run})
     parent.finish()
+    view = set_runs_view(tracking_uri, cfg.run.experiment, swept_keys(space.specs),
+                         ["val_psnr", "val_ssim", "val_rmse", "val_psnr01", "val_ssim01"], order_by=space.metric)
+    print(f"[tune] compare in the MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1, then "
+          f"open http://127.0.0.1:5000/{view}", flush=True)
     return results
+
+
+def swept_keys(specs: dict[str, Any]) -> list[str]:
+    """The config keys a space sets (bundle entries expanded), method and tracer first: the runs-table columns."""
+    keys = ["model.method", "geometry.tracer"]
+    for key, spec in specs.items():
+        if key == BUNDLE_KEY:
+            values = next(iter(spec.values())) if isinstance(spec, dict) else []
+            keys += [k for entry in values if isinstance(entry, dict) for k in entry]
+        else:
+            keys.append(key)
+    return list(dict.fromkeys(keys))
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:

@@ -1,0 +1,327 @@
+"""`ganbert evaluate`: per-subject metrics of a model or the mean-PET baseline on a split -> subjects.csv + summary.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from ganbert import metrics
+from ganbert.atomic import write_csv, write_text
+from ganbert.config import GeometryConfig
+from ganbert.data import loader, shards
+from ganbert.data.phantom import LABEL, REFERENCE
+from ganbert.data.preprocess import pet_affine, resample
+
+BASELINES = ("mean-pet",)
+SUBJECTS_CSV = "subjects.csv"
+SUMMARY_JSON = "summary.json"
+ID_COLUMNS = ("subject", "pet_image_id", "tracer", "split", "mask_source")
+PAPER_METRICS = ("psnr", "ssim", "rmse", "psnr01", "ssim01")
+BRAIN_METRICS = ("psnr_brain", "ssim_brain", "psnr_rel", "ssim_rel", "wasserstein")
+REGION_METRICS = ("suvr_mape", "suvr_composite_real", "suvr_composite_fake", "positive_real", "positive_fake",
+                  "positivity_agreement")
+METRICS = PAPER_METRICS + BRAIN_METRICS + REGION_METRICS
+
+# Positivity read as in ADNI practice: a composite of target regions over the tracer's reference region
+# (phantom.REFERENCE) against a published cut-off. AV45: cortical composite, whole-cerebellum reference,
+# SUVR > 1.11 (Landau et al. 2013); AV1451: meta-temporal composite, SUVR > 1.23 (Jack et al. 2017);
+# FDG: temporoparietal meta-ROI over pons, hypometabolic when SUVR < 1.21 (Landau et al. 2011).
+POSITIVITY: dict[str, tuple[tuple[str, ...], float, str]] = {
+    "AV45": (("temporoparietal", "neocortex", "inferior_temporal"), 1.11, ">"),
+    "AV1451": (("medial_temporal", "inferior_temporal"), 1.23, ">"),
+    "FDG": (("temporoparietal", "medial_temporal", "inferior_temporal"), 1.21, "<"),
+}
+
+# A restored PET volume (T, d, h, w) in original units from one shard row.
+Predictor = Callable[[dict[str, Any]], torch.Tensor]
+
+
+# --- predictors -----------------------------------------------------------------------------------
+
+class MeanPET(nn.Module):
+    """Baseline 'generator': the mean normalised training PET (T, d, h, w), whatever the MRI."""
+
+    def __init__(self, mean: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+
+    def forward(self, mri: torch.Tensor) -> torch.Tensor:
+        """mri (B, 1, D, H, W) -> (B, T, d, h, w), the same mean volume for every sample."""
+        return self.mean.expand(mri.shape[0], *self.mean.shape)
+
+
+def mean_pet(data_dir: str, tracer: str) -> MeanPET:
+    """Streamed mean of the normalised training PET volumes of a tracer (restored per subject like G's output)."""
+    from ganbert.train.loop import normalised_train_pet  # the one generator of normalised training PET
+
+    total, n = None, 0
+    for norm in normalised_train_pet(data_dir, tracer):
+        total = norm if total is None else total + norm
+        n += 1
+    assert total is not None  # normalised_train_pet raises on an empty split
+    return MeanPET((total / n).float())
+
+
+def generator_predictor(generator: nn.Module, device: torch.device | str = "cpu") -> Predictor:
+    """Row -> restored PET (T, d, h, w) float32: MRI normalised by its stored statistics, G, restore_pet."""
+    generator.eval()
+
+    def predict(row: dict[str, Any]) -> torch.Tensor:
+        mri = torch.from_numpy(np.array(row["mri"], dtype=np.uint8))[None].to(device)
+        mean = torch.tensor([float(row["mri_mean"])], dtype=torch.float32, device=device)
+        std = torch.tensor([float(row["mri_std"])], dtype=torch.float32, device=device)
+        with torch.no_grad():
+            out = generator(metrics.normalise_mri(mri, mean, std)).float()
+        return metrics.restore_pet(out, mean, std)[0].cpu()
+
+    return predict
+
+
+# --- masks and labels -----------------------------------------------------------------------------
+
+def geometry_of(data_dir: str | Path) -> GeometryConfig:
+    """The geometry the shards were preprocessed for (manifest.json)."""
+    g = shards.read_manifest(data_dir).get("geometry") or {}
+    try:
+        return GeometryConfig(mri_size=tuple(int(v) for v in g["mri_size"]), pet_frames=int(g["pet_frames"]),
+                              pet_size=tuple(int(v) for v in g["pet_size"]), mri_fov_mm=float(g["mri_fov_mm"]),
+                              pet_fov_mm=tuple(float(v) for v in g["pet_fov_mm"]))
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"data {data_dir}: manifest.json has no complete geometry record ({err})") from None
+
+
+def t1_brain_mask(mri: np.ndarray, mri_affine: np.ndarray, geometry: GeometryConfig) -> np.ndarray:
+    """Fallback brain mask (d, h, w) bool from the conformed T1 (1, D, H, W) sampled on the PET grid.
+
+    Head foreground of the T1: voxels above half the mean of the non-background voxels, opened once,
+    the largest connected component, holes filled. Coarser than a skull-stripped mask (scalp can stay).
+    """
+    t1 = resample(np.asarray(mri, dtype=np.float32).reshape(geometry.mri_size), np.asarray(mri_affine, np.float64),
+                  pet_affine(np.asarray(mri_affine, np.float64), geometry), geometry.pet_size)
+    fg = t1 > 0.1 * float(t1.max())
+    if not fg.any():
+        raise ValueError("mri: no signal on the PET grid to derive a brain mask from")
+    mask = ndimage.binary_opening(t1 > 0.5 * float(t1[fg].mean()))
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return fg
+    sizes = ndimage.sum_labels(mask, lab, index=np.arange(1, n + 1))
+    return ndimage.binary_fill_holes(lab == 1 + int(np.argmax(sizes)))
+
+
+def _pet_grid(row: dict[str, Any], key: str, geometry: GeometryConfig) -> np.ndarray | None:
+    """Column `key` (brain_mask or labels) of a row as a (d, h, w) array, None when the row lacks it."""
+    value = row.get(key)
+    if value is None:
+        return None
+    return np.asarray(value).reshape(geometry.pet_size)
+
+
+def brain_mask(row: dict[str, Any], geometry: GeometryConfig) -> tuple[np.ndarray, str]:
+    """(mask (d, h, w) bool, source): the row's `brain_mask` column when present and non-empty, else from the T1."""
+    mask = _pet_grid(row, "brain_mask", geometry)
+    if mask is not None and mask.any():
+        return mask.astype(bool), "brain_mask"
+    return t1_brain_mask(row["mri"], row["mri_affine"], geometry), "t1"
+
+
+# --- metrics of one subject -----------------------------------------------------------------------
+
+def _safe(fn: Callable[[], float]) -> float:
+    """fn(), or NaN where the metric is undefined for this volume (e.g. a non-positive in-brain mean)."""
+    try:
+        return float(fn())
+    except ValueError:
+        return float("nan")
+
+
+def positivity(composite: float, tracer: str) -> float:
+    """1.0 if a composite SUVR reads positive for the tracer (POSITIVITY), else 0.0; NaN if not finite."""
+    if tracer not in POSITIVITY:
+        raise ValueError(f"tracer must be one of {sorted(POSITIVITY)}, got {tracer!r}")
+    if not math.isfinite(composite):
+        return float("nan")
+    _, cut, sense = POSITIVITY[tracer]
+    return float(composite > cut if sense == ">" else composite < cut)
+
+
+def subject_metrics(fake: torch.Tensor, real: torch.Tensor, mask: np.ndarray, tracer: str,
+                    labels: np.ndarray | None = None) -> dict[str, float]:
+    """Every metric of one subject (SPEC section 9).
+
+    fake, real: restored PET (T, d, h, w) in original units; mask: (d, h, w) brain mask; labels: (d, h, w)
+    region ids (phantom.LABEL) or None / all zeros when there is no truth. Returns
+    - psnr, ssim, rmse, psnr01, ssim01: `metrics.evaluate` (paper range, and [0,1]-scaled);
+    - psnr_brain, ssim_brain: paper-range clipped volumes, data range 1010, inside the mask;
+    - psnr_rel, ssim_rel: each volume divided by its own in-brain mean, inside the mask, data range the
+      real relative volume's in-brain max - min (scale-free: the uptake pattern alone);
+    - wasserstein: 1-D Wasserstein distance of real vs generated in-brain voxel values (all frames);
+    - with labels: suvr_mape (regional SUVR vs the tracer's reference region, % error), the composite
+      SUVRs, positive_real / positive_fake and positivity_agreement (1 when they agree); else NaN.
+    """
+    real64, fake64 = real.to(torch.float64), fake.to(torch.float64)
+    out = {k: float(v[0]) for k, v in metrics.evaluate(fake64[None], real64[None]).items()}
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))
+    fc, rc = metrics.clip_paper(fake64), metrics.clip_paper(real64)
+    out["psnr_brain"] = metrics.masked_psnr(fc, rc, m, metrics.PAPER_DATA_RANGE)
+    out["ssim_brain"] = _safe(lambda: metrics.masked_ssim(fc, rc, m, metrics.PAPER_DATA_RANGE))
+    try:
+        rr, fr = metrics.relative(real64, m), metrics.relative(fake64, m)
+        inside = rr[:, m]
+        rng = float(inside.max() - inside.min()) or 1.0
+        out["psnr_rel"] = metrics.masked_psnr(fr, rr, m, rng)
+        out["ssim_rel"] = _safe(lambda: metrics.masked_ssim(fr, rr, m, rng))
+    except ValueError:
+        out["psnr_rel"] = out["ssim_rel"] = float("nan")
+    out["wasserstein"] = metrics.wasserstein1d(real64[:, m], fake64[:, m])
+    out.update(dict.fromkeys(REGION_METRICS, float("nan")))
+    if labels is not None and np.any(labels) and tracer in REFERENCE:
+        lab = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        ref = tuple(LABEL[n] for n in REFERENCE[tracer])
+        targets = tuple(LABEL[n] for n in POSITIVITY[tracer][0])
+        out["suvr_mape"] = _safe(lambda: metrics.suvr_mape(fake64, real64, lab, ref))
+        out["suvr_composite_real"] = _safe(lambda: metrics.composite_suvr(real64, lab, targets, ref))
+        out["suvr_composite_fake"] = _safe(lambda: metrics.composite_suvr(fake64, lab, targets, ref))
+        out["positive_real"] = positivity(out["suvr_composite_real"], tracer)
+        out["positive_fake"] = positivity(out["suvr_composite_fake"], tracer)
+        if math.isfinite(out["positive_real"]) and math.isfinite(out["positive_fake"]):
+            out["positivity_agreement"] = float(out["positive_real"] == out["positive_fake"])
+    return out
+
+
+# --- a split --------------------------------------------------------------------------------------
+
+@dataclass
+class Evaluation:
+    """Per-subject rows (ids + METRICS) and the summary (n + the mean of each metric over its finite values)."""
+
+    subjects: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def iter_subjects(predict: Predictor, data_dir: str, split: str, tracer: str,
+                  geometry: GeometryConfig | None = None) -> Iterator[tuple[dict[str, Any], dict[str, Any],
+                                                                            torch.Tensor]]:
+    """(subject row = ids + metrics, shard row, fake (T, d, h, w)) for every row of a split and tracer."""
+    geo = geometry or geometry_of(data_dir)
+    for row in loader.read_rows(data_dir, split, tracer, geo):
+        fake = predict(row)
+        real = torch.from_numpy(np.array(row["pet"], dtype=np.float32))
+        if tuple(fake.shape) != tuple(real.shape):
+            raise ValueError(f"model output shape {tuple(fake.shape)} differs from the shards' PET {tuple(real.shape)}")
+        mask, source = brain_mask(row, geo)
+        values = subject_metrics(fake, real, mask, tracer, _pet_grid(row, "labels", geo))
+        ids = {"subject": row.get("subject", ""), "pet_image_id": row.get("pet_image_id", ""), "tracer": tracer,
+               "split": split, "mask_source": source}
+        yield {**ids, **values}, row, fake
+
+
+def summarise(subjects: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"n": subjects, metric: mean over subjects with a finite value (null if none)} for every metric."""
+    out: dict[str, Any] = {"n": len(subjects)}
+    for key in METRICS:
+        vals = [float(s[key]) for s in subjects if math.isfinite(float(s.get(key, float("nan"))))]
+        out[key] = float(np.mean(vals)) if vals else None
+    out["n_labelled"] = sum(1 for s in subjects if math.isfinite(float(s.get("suvr_mape", float("nan")))))
+    return out
+
+
+def evaluate_split(predict: Predictor, data_dir: str, split: str, tracer: str,
+                   geometry: GeometryConfig | None = None, figures: Path | None = None) -> Evaluation:
+    """Evaluate `predict` on every row of a split and tracer; optionally montage + histogram of the first row."""
+    subjects: list[dict[str, Any]] = []
+    for i, (values, row, fake) in enumerate(iter_subjects(predict, data_dir, split, tracer, geometry)):
+        subjects.append(values)
+        if figures is not None and i == 0:
+            from ganbert.tracking import histogram_png, montage_png
+
+            real = np.asarray(row["pet"], np.float32)
+            montage_png(np.asarray(row["mri"])[0], real, fake.numpy(), figures / "montage.png")
+            histogram_png(real, fake.numpy(), figures / "histogram.png")
+    if not subjects:
+        raise ValueError(f"split {split!r}: no rows for tracer {tracer} in {data_dir}")
+    return Evaluation(subjects, summarise(subjects))
+
+
+def _json_value(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def write_evaluation(out: Path, evaluation: Evaluation, info: dict[str, Any]) -> tuple[Path, Path]:
+    """Write `out/subjects.csv` (one row per subject) and `out/summary.json` (summary + info), atomically."""
+    columns = list(ID_COLUMNS) + list(METRICS)
+    csv = write_csv(out / SUBJECTS_CSV, columns,
+                    ([("" if isinstance(s[c], float) and not math.isfinite(s[c]) else s[c]) for c in columns]
+                     for s in evaluation.subjects))
+    summary = {**info, **{k: _json_value(v) for k, v in evaluation.summary.items()}}
+    js = write_text(out / SUMMARY_JSON, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return csv, js
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty `out` folder unless `overwrite` (user files are never replaced unasked)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out}: folder is not empty (pass --overwrite to replace its results)")
+
+
+def tracer_for(data_dir: str, split: str, tracer: str | None) -> str:
+    """`tracer`, else the split's only tracer; ValueError naming --tracer when the split holds several."""
+    if tracer:
+        return tracer
+    have = sorted({s["tracer"] for s in shards.shards_for(shards.read_manifest(data_dir), split)})
+    if len(have) != 1:
+        raise ValueError(f"--tracer: split {split!r} of {data_dir} holds tracers {have}; name one")
+    return have[0]
+
+
+def main(args: argparse.Namespace) -> int:
+    """`ganbert evaluate (--model URI_OR_DIR | --baseline mean-pet) --data SHARDS --split test --out DIR`."""
+    from ganbert.synthesize import device, load_model
+
+    if bool(args.model) == bool(args.baseline):
+        raise ValueError("--model / --baseline: give exactly one")
+    out = Path(args.out).resolve()
+    check_out(out, args.overwrite)
+    data_dir = str(Path(args.data).resolve())
+    geo = geometry_of(data_dir)
+    if args.model:
+        generator, cfg = load_model(args.model, args.tracking_uri)
+        tracer = args.tracer or cfg.geometry.tracer
+        predict, name = generator_predictor(generator, device()), cfg.model.method
+    else:
+        if args.baseline not in BASELINES:
+            raise ValueError(f"--baseline must be one of {BASELINES}, got {args.baseline!r}")
+        tracer = tracer_for(data_dir, args.split, args.tracer)
+        predict, name = generator_predictor(mean_pet(data_dir, tracer)), args.baseline
+    evaluation = evaluate_split(predict, data_dir, args.split, tracer, geo, out / "figures")
+    info = {"model": args.model or "", "baseline": args.baseline or "", "name": name, "data": data_dir,
+            "split": args.split, "tracer": tracer}
+    csv, js = write_evaluation(out, evaluation, info)
+    s = evaluation.summary
+    print(f"evaluate: {name} on {s['n']} {tracer} {args.split} subjects: " + " ".join(
+        f"{k}={s[k]:.4f}" for k in METRICS if s.get(k) is not None))
+    print(f"wrote {csv} and {js}")
+    if args.tracking_uri:
+        from ganbert.tracking import MLflowTracker
+
+        with MLflowTracker(args.tracking_uri, args.experiment, f"evaluate-{name}-{tracer}-{args.split}",
+                           tags={"ganbert.kind": "evaluate"}) as tracker:
+            tracker.log_params({f"evaluate.{k}": v for k, v in info.items()})
+            tracker.log_metrics({f"{args.split}_{k}": v for k, v in s.items() if v is not None}, step=0)
+            tracker.log_artifact(csv)
+            tracker.log_artifact(js)
+            if (out / "figures").is_dir():
+                tracker.log_artifact(out / "figures", "figures")
+        print(f"logged to run {tracker.run_id} of experiment {args.experiment!r} at {args.tracking_uri}")
+    return 0

@@ -1,0 +1,182 @@
+"""Evaluation: per-volume metrics against hand computations / scipy / skimage, rows with and without
+brain_mask / labels columns, and `ganbert evaluate` end to end (model folder and mean-PET baseline)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import wasserstein_distance
+from skimage.metrics import structural_similarity
+
+from ganbert import config as config_mod
+from ganbert import metrics
+from ganbert.cli import main as cli_main
+from ganbert.data.phantom import LABEL
+from ganbert.evaluate import (METRICS, POSITIVITY, brain_mask, geometry_of, positivity, subject_metrics,
+                              summarise)
+
+RNG = np.random.default_rng(7)
+
+
+def _vol(shape: tuple[int, ...] = (2, 14, 13, 12), lo: float = 50.0, hi: float = 400.0) -> torch.Tensor:
+    return torch.from_numpy(RNG.uniform(lo, hi, shape))
+
+
+def test_masked_psnr_matches_hand_computation() -> None:
+    pred, target = _vol(), _vol()
+    mask = torch.zeros(14, 13, 12, dtype=torch.bool)
+    mask[3:9, 2:10, 4:11] = True
+    mse = float(((pred - target)[:, mask] ** 2).mean())
+    assert metrics.masked_psnr(pred, target, mask, 1010.0) == pytest.approx(10 * math.log10(1010.0**2 / mse), rel=1e-12)
+    with pytest.raises(ValueError, match="mask"):
+        metrics.masked_psnr(pred, target, torch.zeros(14, 13, 12), 1010.0)
+    with pytest.raises(ValueError, match="mask"):
+        metrics.masked_psnr(pred, target, mask[:-1], 1010.0)
+
+
+def test_masked_ssim_is_the_mean_of_skimages_ssim_map_over_the_mask() -> None:
+    pred, target = _vol((1, 16, 15, 14)), _vol((1, 16, 15, 14))
+    full = torch.ones(16, 15, 14, dtype=torch.bool)
+    assert metrics.masked_ssim(pred, target, full, 400.0) == pytest.approx(float(metrics.ssim3d(pred[None], target[None], 400.0)[0]), abs=1e-12)
+    _, smap = structural_similarity(target[0].numpy(), pred[0].numpy(), data_range=400.0, gaussian_weights=True,
+                                    sigma=1.5, use_sample_covariance=False, full=True)
+    mask = torch.zeros(16, 15, 14, dtype=torch.bool)
+    mask[5:9, 3:10, 6:9] = True  # partly within the window radius (5) of the border: those voxels are left out
+    inner = mask.numpy().copy()
+    inner[:, :5] = False
+    assert metrics.masked_ssim(pred, target, mask, 400.0) == pytest.approx(float(smap[inner].mean()), abs=1e-6)
+    edge = torch.zeros(16, 15, 14, dtype=torch.bool)
+    edge[0, 0, 0] = True  # inside the border the window does not fit
+    with pytest.raises(ValueError, match="mask"):
+        metrics.masked_ssim(pred, target, edge, 400.0)
+
+
+def test_wasserstein_matches_scipy() -> None:
+    a, b = RNG.normal(0, 1, 500), RNG.gamma(2.0, 1.5, 321)
+    assert metrics.wasserstein1d(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(wasserstein_distance(a, b), rel=1e-10)
+    assert metrics.wasserstein1d(torch.from_numpy(a), torch.from_numpy(a + 3.0)) == pytest.approx(3.0, rel=1e-10)
+    with pytest.raises(ValueError, match="non-empty"):
+        metrics.wasserstein1d(torch.zeros(0), torch.ones(3))
+
+
+def test_relative_volume_cancels_scale() -> None:
+    v, mask = _vol(), torch.ones(14, 13, 12, dtype=torch.bool)
+    mask[0] = False
+    rel = metrics.relative(v, mask)
+    assert float(rel[:, mask].mean()) == pytest.approx(1.0, rel=1e-12)
+    assert torch.allclose(metrics.relative(3.7 * v, mask), rel)
+    with pytest.raises(ValueError, match="volume"):
+        metrics.relative(-v, mask)
+
+
+def _labelled(suvr: dict[int, float], shape: tuple[int, int, int] = (14, 12, 12)) -> tuple[torch.Tensor, torch.Tensor]:
+    """A label volume with one slab per region and a 2-frame PET holding `suvr` (reference = 1) times 250."""
+    labels = torch.zeros(shape, dtype=torch.int64)
+    keys = sorted(suvr)
+    for i, key in enumerate(keys):
+        labels[1 + i] = key
+    pet = torch.full((2, *shape), 10.0, dtype=torch.float64)
+    for key, value in suvr.items():
+        pet[:, labels == key] = 250.0 * value
+    return pet, labels
+
+
+def test_regional_suvr_mape_and_composite_by_hand() -> None:
+    ref = (LABEL["cerebellum_gm"],)
+    truth = {LABEL["cerebellum_gm"]: 1.0, LABEL["neocortex"]: 1.5, LABEL["temporoparietal"]: 1.2}
+    real, labels = _labelled(truth)
+    assert metrics.regional_suvr(real, labels, ref) == pytest.approx({LABEL["neocortex"]: 1.5, LABEL["temporoparietal"]: 1.2})
+    fake, _ = _labelled({**truth, LABEL["neocortex"]: 1.2})
+    # neocortex 20% low, temporoparietal exact -> 10%; a global scale changes nothing
+    assert metrics.suvr_mape(2.0 * fake, real, labels, ref) == pytest.approx(10.0)
+    n_neo, n_tp = int((labels == LABEL["neocortex"]).sum()), int((labels == LABEL["temporoparietal"]).sum())
+    expect = (1.5 * n_neo + 1.2 * n_tp) / (n_neo + n_tp)
+    assert metrics.composite_suvr(real, labels, (LABEL["neocortex"], LABEL["temporoparietal"]), ref) == pytest.approx(expect)
+    with pytest.raises(ValueError, match="reference"):
+        metrics.regional_suvr(real, labels, (LABEL["pons"],))
+
+
+def test_positivity_reads_each_tracer_the_right_way() -> None:
+    for tracer, (_, cut, sense) in POSITIVITY.items():
+        above, below = positivity(cut + 0.1, tracer), positivity(cut - 0.1, tracer)
+        assert (above, below) == ((1.0, 0.0) if sense == ">" else (0.0, 1.0))
+    assert math.isnan(positivity(float("nan"), "AV45"))
+    with pytest.raises(ValueError, match="tracer"):
+        positivity(1.0, "PIB")
+
+
+def test_subject_metrics_with_and_without_labels() -> None:
+    truth = {LABEL["cerebellum_gm"]: 1.0, LABEL["cerebellum_wm"]: 1.0, LABEL["temporoparietal"]: 1.4,
+             LABEL["neocortex"]: 1.3, LABEL["inferior_temporal"]: 1.2}
+    real, labels = _labelled(truth)
+    mask = (labels > 0).numpy()
+    plain = subject_metrics(2.0 * real, real, mask, "AV45")  # a dose/calibration error only
+    assert set(plain) == set(METRICS)
+    assert plain["psnr_rel"] == math.inf and plain["ssim_rel"] == pytest.approx(1.0)
+    assert plain["psnr_brain"] < 30 and plain["wasserstein"] > 100
+    assert all(math.isnan(plain[k]) for k in ("suvr_mape", "positivity_agreement"))
+    nolab = subject_metrics(2.0 * real, real, mask, "AV45", np.zeros((14, 12, 12), np.uint8))
+    assert math.isnan(nolab["suvr_mape"])  # all-zero labels = no truth
+    lab = subject_metrics(2.0 * real, real, mask, "AV45", labels.numpy().astype(np.uint8))
+    assert lab["suvr_mape"] == pytest.approx(0.0, abs=1e-9)
+    assert lab["positive_real"] == 1.0 and lab["positivity_agreement"] == 1.0
+    flat, _ = _labelled(dict.fromkeys(truth, 1.0))  # uptake pattern lost: reads negative
+    lost = subject_metrics(flat, real, mask, "AV45", labels.numpy().astype(np.uint8))
+    assert lost["positive_fake"] == 0.0 and lost["positivity_agreement"] == 0.0 and lost["suvr_mape"] > 20
+    s = summarise([lab, lost])
+    assert s["n"] == 2 and s["n_labelled"] == 2 and s["positivity_agreement"] == pytest.approx(0.5)
+
+
+def test_brain_mask_prefers_the_column_and_falls_back_to_the_t1(tiny_shards: str) -> None:
+    from ganbert.data import loader
+
+    geo = geometry_of(tiny_shards)
+    row = next(loader.read_rows(tiny_shards, "test", "AV45"))
+    row.pop("brain_mask", None)
+    mask, source = brain_mask(row, geo)
+    assert source == "t1" and mask.shape == tuple(geo.pet_size)
+    assert 0.1 < mask.mean() < 0.9  # head foreground, not the whole grid
+    given = np.zeros(geo.pet_size, np.uint8)
+    given[4:9, 3:8, 3:8] = 1
+    mask2, source2 = brain_mask({**row, "brain_mask": given.reshape(-1).tolist()}, geo)  # flat, as pyarrow lists it
+    assert source2 == "brain_mask" and (mask2 == given.astype(bool)).all()
+
+
+def test_evaluate_cli_model_and_baseline(tiny_shards: str, tmp_path: Path) -> None:
+    from ganbert.models import build_generator
+    from ganbert.train.checkpoint import save_model_dir
+
+    torch.manual_seed(0)
+    cfg = config_mod.tiny()
+    model_dir = save_model_dir(tmp_path / "model", cfg, build_generator(cfg))
+    out_m, out_b = tmp_path / "model_eval", tmp_path / "baseline_eval"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cli_main(["evaluate", "--model", str(model_dir), "--data", tiny_shards, "--split", "test",
+                     "--out", str(out_m), "--tracking-uri", uri]) == 0
+    assert cli_main(["evaluate", "--baseline", "mean-pet", "--data", tiny_shards, "--split", "test",
+                     "--tracer", "AV45", "--out", str(out_b)]) == 0
+    for out in (out_m, out_b):
+        summary = json.loads((out / "summary.json").read_text())
+        for key in ("n", "psnr", "ssim", "rmse", "psnr01", "ssim01", "psnr_brain", "ssim_brain", "psnr_rel",
+                    "ssim_rel", "wasserstein"):
+            assert summary[key] is not None and math.isfinite(summary[key]), key
+        lines = (out / "subjects.csv").read_text().splitlines()
+        assert len(lines) == 1 + summary["n"] and summary["n"] >= 1 and summary["split"] == "test"
+    # the mean training PET beats an untrained generator
+    b, m = (json.loads((o / "summary.json").read_text()) for o in (out_b, out_m))
+    assert b["psnr"] > m["psnr"] and b["wasserstein"] < m["wasserstein"]
+    from mlflow import MlflowClient
+
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("evaluate").experiment_id])
+    assert runs and runs[0].data.metrics["test_psnr"] == pytest.approx(m["psnr"])
+    # results are never overwritten unasked; a baseline needs a tracer when the split holds several
+    assert cli_main(["evaluate", "--baseline", "mean-pet", "--data", tiny_shards, "--tracer", "AV45",
+                     "--out", str(out_b)]) == 2
+    assert cli_main(["evaluate", "--baseline", "mean-pet", "--data", tiny_shards, "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["evaluate", "--baseline", "mean-pet", "--data", tiny_shards, "--tracer", "AV45",
+                     "--out", str(out_b), "--overwrite"]) == 0
