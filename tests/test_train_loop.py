@@ -67,3 +67,34 @@ def test_rerunning_a_finished_run_resumes_instead_of_starting_over(tmp_path: Pat
     second = loop.fit(longer, tiny_shards, uri)
     assert first.metrics["epoch"] == 0 and second.metrics["epoch"] == 1
     assert second.metrics["step"] == 2 * first.metrics["step"]
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_for_good_ends_failed_in_mlflow(tmp_path: Path, tiny_shards: str, local_ray: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker that logged the run is SIGKILLed and no retry is left: the driver marks the run FAILED."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = config.apply(_cfg(tmp_path, "doomed", workers=1), {"run.max_failures": 0, "optim.epochs": 1})
+    monkeypatch.setenv(loop.FAULT_ENV, f"0:1:0:{tmp_path / 'killed.txt'}")
+    with pytest.raises(Exception):
+        loop.fit(cfg, tiny_shards, uri)
+    from mlflow import MlflowClient
+    run_id = find_run(uri, "ganbert", "doomed")
+    assert run_id is not None
+    assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_epoch_order_is_a_seeded_permutation_of_the_whole_split(tiny_shards: str) -> None:
+    """Every epoch visits every training row once, in an order that changes with the epoch and not with a rerun."""
+    from ganbert.data import loader
+
+    rows = loader.split_positions(tiny_shards, "train", "AV45")
+    epochs = [loader.epoch_positions(rows, 0, e) for e in range(3)]
+    assert all(sorted(e) == sorted(rows) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert loader.epoch_positions(rows, 0, 1) == epochs[1]  # a resumed run replays epoch 1 exactly
+    parts = [loader.epoch_positions(rows, 0, 1, rank, 2) for rank in range(2)]
+    assert len(parts[0]) == len(parts[1]) == len(rows) // 2 and not set(parts[0]) & set(parts[1])
+    # the first rows of an epoch come from all over the split, not from one subject-ordered stretch
+    first = [r for _, r in epochs[0][: len(rows) // 2]]
+    assert max(first) - min(first) > len(rows) // 2

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
+CPUS_ENV = "GANBERT_NUM_CPUS"  # logical CPUs of the local Ray the CLI starts (default: the machine's cores)
+
 
 def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Keep an initialised Ray; else join the cluster in $RAY_ADDRESS; else start a local Ray.
 
-    The local Ray's dashboard (for watching Train and Tune) listens on 127.0.0.1 only.
+    The local Ray has `num_cpus`, else $GANBERT_NUM_CPUS, else one per core. Its dashboard (for watching Train and Tune) listens on 127.0.0.1 only.
     """
     import ray
 
@@ -17,6 +19,8 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    if num_cpus is None and os.environ.get(CPUS_ENV):
+        num_cpus = int(os.environ[CPUS_ENV])
     ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
                    logging_level="WARNING")
     if dashboard and ctx.dashboard_url:

@@ -21,12 +21,12 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ganbert import metrics
+from ganbert import home, metrics
 from ganbert.config import Config, from_dict
 from ganbert.data import loader
 from ganbert.models import build_networks
 from ganbert.raysession import ensure_ray
-from ganbert.tracking import Tracker, default_tracking_uri, histogram_png, make_tracker, montage_png
+from ganbert.tracking import Tracker, default_tracking_uri, end_open_run, histogram_png, make_tracker, montage_png
 from ganbert.train.checkpoint import load_state, save_model_dir, save_state
 from ganbert.train.device import place_networks
 from ganbert.train.step import Batch, gan_step, make_optimisers, seed_everything, to_batch, unwrap
@@ -56,10 +56,13 @@ def steps_per_epoch(cfg: Config, train_rows: int) -> int:
     return steps
 
 
-def _micro_batches(cfg: Config, shard: Any, epoch: int, device: torch.device) -> Iterator[list[Batch]]:
-    """Groups of `accumulation` normalised micro-batches from this worker's shard (order fixed by seed+epoch)."""
+def _micro_batches(cfg: Config, data_dir: str, epoch: int, device: torch.device) -> Iterator[list[Batch]]:
+    """Groups of `accumulation` normalised micro-batches: this worker's part of the epoch's seeded permutation."""
+    ctx = ray.train.get_context()
+    ds = loader.epoch_dataset(data_dir, "train", cfg.geometry.tracer, cfg.run.seed, epoch, ctx.get_world_rank(),
+                              ctx.get_world_size())
     group: list[Batch] = []
-    for raw in loader.torch_batches(shard, cfg.optim.batch_size, shuffle_seed=cfg.run.seed + epoch, drop_last=True):
+    for raw in loader.torch_batches(ds, cfg.optim.batch_size, drop_last=True):
         group.append(to_batch(raw, device))
         if len(group) == cfg.optim.accumulation:
             yield group
@@ -136,8 +139,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     for epoch in range(meta["epoch"] + 1, cfg.optim.epochs):
         seed_everything(cfg.run.seed + 1000 * (epoch + 1), rank)
         started, sums, k = time.perf_counter(), {}, 0
-        shard = ray.train.get_dataset_shard("train")
-        for k, group in enumerate(_micro_batches(cfg, shard, epoch, device)):
+        for k, group in enumerate(_micro_batches(cfg, loop_cfg["data_dir"], epoch, device)):
             if k >= per_epoch:
                 continue  # drain the shard so every worker finishes the epoch together
             _maybe_fault(loop_cfg.get("fault"), epoch, k, rank)
@@ -165,12 +167,19 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(str(Path(tmp) / "state"))
             ray.train.report(report, checkpoint=ckpt)
     if rank == 0:
-        model_dir = save_model_dir(Path(loop_cfg["model_dir"]), cfg, nets.generator)
+        _publish_model(cfg, nets.generator, tracker, loop_cfg["model_dir"])
+    tracker.finish()
+
+
+def _publish_model(cfg: Config, generator: torch.nn.Module, tracker: Tracker, dest: str) -> None:
+    """Model folder (+ MODEL_URI once logged) built locally, then copied to `dest`, a path or URI every node reads."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_model_dir(Path(tmp) / "model", cfg, generator)
         tracker.log_artifact(model_dir / "config.yaml")
         uri = tracker.log_model(model_dir)
         if uri:
             (model_dir / "MODEL_URI").write_text(uri + "\n")
-    tracker.finish()
+        home.upload_dir(model_dir, dest)
 
 
 def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
@@ -202,14 +211,14 @@ def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
                 tags: dict[str, str] | None = None, callbacks: list[Any] | None = None) -> ray.train.torch.TorchTrainer:
     """The `TorchTrainer` of one run: datasets from the shards, best-by-val-PSNR checkpoints, retries."""
     tracer, g = cfg.geometry.tracer, cfg.geometry
-    train_ds = loader.read_split(data_dir, "train", tracer, g)
-    loader.read_split(data_dir, "val", tracer, g)  # fails early if the val split is missing
-    storage = str(Path(cfg.run.storage).resolve())
-    loop_cfg = {"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "tracking_uri": tracking_uri,
+    loader.shard_paths(data_dir, "train", tracer, g)  # fail early: wrong geometry, or a split missing
+    loader.shard_paths(data_dir, "val", tracer, g)
+    storage = home.resolve(cfg.run.storage)
+    loop_cfg = {"config": cfg.to_dict(), "data_dir": home.resolve(data_dir), "tracking_uri": tracking_uri,
                 "steps_per_epoch": steps_per_epoch(cfg, loader.count_rows(data_dir, "train", tracer)),
                 "pet_stats": output_stats(data_dir, tracer),
                 "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV),
-                "model_dir": str(Path(storage) / cfg.run.name / "model")}
+                "model_dir": home.join(storage, cfg.run.name, "model")}
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
@@ -222,28 +231,37 @@ def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_psnr",
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
-        datasets={"train": train_ds},
-        dataset_config=loader.train_data_config(),  # preserve_order: the same split every run (exact resume)
-    )
+    )  # each worker reads its part of a per-epoch permutation itself (loader.epoch_dataset): exact resume
 
 
 def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainResult:
-    """Train (or resume) one run; returns final metrics, checkpoints and the MLflow model URI."""
-    result = trainer_for(cfg, data_dir, tracking_uri, **kwargs).fit()
-    model_dir = Path(cfg.run.storage).resolve() / cfg.run.name / "model"
-    uri_file = model_dir / "MODEL_URI"
+    """Train (or resume) one run; returns final metrics, checkpoints and the MLflow model URI.
+
+    The run's MLflow run ends FINISHED, or FAILED (training failed for good) or KILLED (interrupted) here, on the
+    driver, even when the worker that logged it died.
+    """
+    try:
+        result = trainer_for(cfg, data_dir, tracking_uri, **kwargs).fit()
+    except KeyboardInterrupt:
+        end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "KILLED")
+        raise
+    except Exception:
+        end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "FAILED")
+        raise
+    model_dir = home.join(home.resolve(cfg.run.storage), cfg.run.name, "model")
+    uri = home.read_text(home.join(model_dir, "MODEL_URI"))
     best = result.best_checkpoints[0][0].path if result.best_checkpoints else None
     return TrainResult(metrics=dict(result.metrics or {}), checkpoint=result.checkpoint.path if result.checkpoint else None,
-                       best_checkpoint=best, model_uri=uri_file.read_text().strip() if uri_file.exists() else None,
-                       run_id=None, model_dir=str(model_dir) if model_dir.exists() else None)
+                       best_checkpoint=best, model_uri=uri.strip() if uri else None,
+                       run_id=None, model_dir=model_dir if home.exists(model_dir) else None)
 
 
 def data_dir_for(cfg: Config, data: str | None) -> str:
     """`--data`, else a phantom cohort of the config's geometry built and cached on first use."""
     if data:
-        return str(Path(data).resolve())
+        return home.resolve(data)
     from ganbert.data.preprocess import ensure_phantom
-    return str(ensure_phantom(cfg, Path("runs/cache").resolve()))
+    return str(ensure_phantom(cfg, home.home() / "cache"))
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
