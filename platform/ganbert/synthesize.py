@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import time
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from ganbert.config import Config
 from ganbert.data.nifti import VolumeError, is_nifti_name, load_header
 from ganbert.data.preprocess import conform_mri, pet_affine
 from ganbert.metrics import mri_stats, normalise_mri, restore_pet
+from ganbert.progress import Progress
 from ganbert.tracking import resolve_model_dir
 from ganbert.train.checkpoint import load_generator
 
@@ -318,24 +318,6 @@ def split_finished(jobs: list[tuple[Path, Path]], overwrite: bool) -> tuple[list
     todo = [(src, dst) for src, dst in jobs if not dst.exists()]
     done = [Result(str(src), str(dst), "ok", "") for src, dst in jobs if dst.exists()]
     return todo, done
-
-
-class Progress:
-    """Prints `done/total`, rate and ETA at most every `every` seconds (and at the end)."""
-
-    def __init__(self, what: str, total: int, every: float = 5.0) -> None:
-        self.what, self.total, self.every = what, total, every
-        self.done, self.start, self.last = 0, time.monotonic(), 0.0
-
-    def step(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last < self.every and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        print(f"[{self.what}] {self.done}/{self.total} done, {rate:.2f}/s, ETA {eta:.0f} s", flush=True)
 
 
 def synthesize_folder(model: str, mri_dir: Path | str, out_dir: Path | str, tracking_uri: str | None = None,
