@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -39,8 +40,8 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_holds_it(c
 
 
 @pytest.mark.slow
-def test_rejected_t1_falls_back_to_the_next_nearest_and_pairs_match_shards(cohort: Path, tmp_path: Path,
-                                                                            local_ray: None) -> None:
+def test_rejected_t1_falls_back_to_the_next_nearest_and_pairs_match_shards(
+        cohort: Path, tmp_path: Path, local_ray: None, capsys: pytest.CaptureFixture[str]) -> None:
     scans = adni.ingest(cohort).scans
     t1s = sorted((s for s in scans if s.subject == FOLLOW_UP_SUBJECT and s.kind == "T1"), key=lambda s: s.acq_date)
     baseline, follow_up = t1s
@@ -51,6 +52,9 @@ def test_rejected_t1_falls_back_to_the_next_nearest_and_pairs_match_shards(cohor
     out = tmp_path / "shards"
     summary = preprocess.run(cohort, out, config.tiny())
     assert summary["rejected"] == 1
+    done = summary["written"] + 1  # the rejected job is one more step of the progress count
+    printed = capsys.readouterr().out
+    assert re.search(rf"^\[preprocess\] {done}/{done} done, [0-9.]+/s, ETA 0 s$", printed, re.MULTILINE), printed
     manifest = shards.read_manifest(out)
     pairs = _pairs(out)
     # pairs.csv is exactly what the shards hold

@@ -295,8 +295,8 @@ def test_actor_plan_uses_gpu_actors_with_a_batch_when_the_cluster_has_gpus() -> 
 
 
 @pytest.mark.slow
-def test_folder_mode_rerun_resumes_and_keeps_existing_outputs(ray_local: None, model_dir: Path,
-                                                               tmp_path: Path) -> None:
+def test_folder_mode_rerun_resumes_and_keeps_existing_outputs(ray_local: None, model_dir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     src, out = tmp_path / "t1", tmp_path / "pet"
     src.mkdir()
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
@@ -306,6 +306,8 @@ def test_folder_mode_rerun_resumes_and_keeps_existing_outputs(ray_local: None, m
     args = ["synthesize", "--model", str(model_dir), "--mri", str(src), "--out", str(out)]
     assert cli.main(args) == 0
     assert (out / "a_pet.nii.gz").read_bytes() == b"finished earlier"
+    printed = capsys.readouterr().out
+    assert "1 outputs already there are kept (2 to do" in printed and "[synthesize] 2/2 done" in printed
     with (out / "synthesis.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [Path(r["input"]).name for r in rows] == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]

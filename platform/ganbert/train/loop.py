@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import os
 import signal
 import tempfile
@@ -108,9 +109,18 @@ def validate(cfg: Config, generator: torch.nn.Module, data_dir: str, device: tor
     return {f"{split}_{k}": v / n for k, v in sums.items()}
 
 
+def _quiet_train_reports() -> None:
+    """Silence Train V2's per-report INFO dump ("Reporting training result N: TrainingReport(...)"), logged by a
+    logger named after its module's file, so neither ray.train's level nor Ray's LoggingConfig reach it."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: resume if a checkpoint exists, then epochs of GAN steps."""
     cfg = from_dict(loop_cfg["config"])
+    _quiet_train_reports()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
@@ -230,7 +240,8 @@ def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_psnr",
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),  # our [train]/[val] lines only
     )  # each worker reads its part of a per-epoch permutation itself (loader.epoch_dataset): exact resume
 
 
