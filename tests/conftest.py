@@ -74,11 +74,13 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """An embedded local Ray with 4 logical CPUs (2 Train workers + Ray Data reads on 2 cores)."""
+    """The local Ray the CLI starts (`ensure_ray`), with 2 logical CPUs: no more than the 2-core machine has."""
     import ray
+
+    from ganbert.raysession import ensure_ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False)
+    ensure_ray(num_cpus=2)
     yield
     ray.shutdown()

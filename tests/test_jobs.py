@@ -279,3 +279,65 @@ def test_submitted_job_ships_ganbert_to_every_worker(cluster: Cluster) -> None:
         assert found[where].startswith(ray_dir) and not found[where].startswith(str(ROOT)), found
     for where in ("task", "actor"):
         assert "/runtime_resources/py_modules_files/" in found[where], found
+
+
+# --- the README's own lines ------------------------------------------------------------------------
+
+def _readme_job_lines() -> list[str]:
+    """The bash block of the README's "Local Ray head and job submission" section, one command per line."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Local Ray head and job submission"):]
+    begin = section.index("```bash\n") + len("```bash\n")
+    block = section[begin:section.index("\n```", begin)]
+    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_job_lines_run_as_written(tmp_path: Path) -> None:
+    """From the repository root, in a shell whose PATH lacks the venv: the README's activation, `ray start` and
+    the train submission succeed, and the job's outputs land in $GANBERT_HOME, not in Ray's working-dir copy.
+
+    Only what cannot be shared with other Rays on this machine is changed: the dashboard port (8265) and the
+    head's other ports and temp dir are free-picked, and `ray start` gets --block so the test can end it. The
+    tune line (12 trials) is checked for its space and options, not run: it takes longer than the suite.
+    """
+    lines = _readme_job_lines()
+    assert lines[0].startswith("source .venv/bin/activate")
+    starts = [i for i, line in enumerate(lines) if line.startswith("ray start ")]
+    submits = [line for line in lines if line.startswith("ray job submit ")]
+    assert len(starts) == 1 and len(submits) == 2
+    assert "jobs/tune.py --space search_spaces/ablation.yaml" in submits[1]
+    assert (ROOT / "search_spaces" / "ablation.yaml").is_file()
+    root = Path(tempfile.mkdtemp(prefix="gbr", dir="/tmp"))  # short: Ray's unix sockets live under --temp-dir
+    dashboard = _free_port()
+    ports = " ".join(f"{flag} {_free_port()}" for flag in (
+        "--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+        "--metrics-export-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port"))
+    start = (f"{lines[starts[0]]} --block --dashboard-port {dashboard} --temp-dir {root / 'ray'} {ports} "
+             f"> {root / 'ray-start.log'} 2>&1 &")
+    wait = (f"until python -c \"import urllib.request as u; u.urlopen('http://127.0.0.1:{dashboard}/api/version')\" "
+            "2>/dev/null; do sleep 1; done; sleep 5")
+    script = [*lines[:starts[0]], start, wait, submits[0].replace("8265", str(dashboard))]
+    home = root / "home"
+    venv_bin = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "PYTHONPATH", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV", "GANBERT_HOME")}
+    env.update(PATH=os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin),
+               GANBERT_HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    proc = subprocess.Popen(["bash", "-e", "-c", "\n".join(script)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    finally:
+        _stop(proc)
+        shutil.rmtree(root / "ray", ignore_errors=True)
+    log = out.decode(errors="replace")
+    assert proc.returncode == 0, log[-6000:]
+    assert "succeeded" in log, log[-6000:]
+    ckpt = re.search(r"^checkpoint: (\S+)$", log, re.MULTILINE)
+    assert ckpt and Path(ckpt.group(1)).parent == home / "ray" / "tiny", log[-4000:]
+    assert (home / "mlflow.db").is_file() and (home / "ray" / "tiny" / "model" / "MODEL_URI").is_file()
+    assert "runtime_resources" not in ckpt.group(1)

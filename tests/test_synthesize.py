@@ -273,3 +273,56 @@ def test_model_from_mlflow_uri(model_dir: Path, t1_file: Path, tmp_path: Path) -
     generator, cfg = load_generator(model_dir)
     expect = syn.synthesize_volume(generator, cfg, nib.load(str(t1_file)))
     np.testing.assert_allclose(nib.load(str(out)).get_fdata(), np.asarray(expect.dataobj), rtol=1e-6, atol=1e-6)
+
+
+def test_single_file_refuses_to_overwrite_without_the_flag(model_dir: Path, t1_file: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pet.nii.gz"
+    out.write_bytes(b"the user's file")
+    assert cli.main(["synthesize", "--model", str(model_dir), "--mri", str(t1_file), "--out", str(out)]) == 2
+    assert f"output {out}: exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"the user's file"
+    assert cli.main(["synthesize", "--model", str(model_dir), "--mri", str(t1_file), "--out", str(out),
+                     "--overwrite"]) == 0
+    assert nib.load(str(out)).shape[-1] == config.tiny().geometry.pet_frames
+
+
+def test_actor_plan_uses_gpu_actors_with_a_batch_when_the_cluster_has_gpus() -> None:
+    assert syn.actor_plan({"CPU": 16, "GPU": 2}, jobs=10) == {"num_gpus": 1, "num_cpus": 1, "size": 2,
+                                                              "batch_size": 4}
+    assert syn.actor_plan({"CPU": 2}, jobs=10) == {"num_gpus": 0, "num_cpus": 1, "size": 2, "batch_size": 1}
+    assert syn.actor_plan({"CPU": 8, "GPU": 4}, jobs=3, batch_size=8)["size"] == 3
+
+
+@pytest.mark.slow
+def test_folder_mode_rerun_resumes_and_keeps_existing_outputs(ray_local: None, model_dir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    src, out = tmp_path / "t1", tmp_path / "pet"
+    src.mkdir()
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        nib.save(_t1(seed), str(src / f"{name}.nii.gz"))
+    out.mkdir()
+    (out / "a_pet.nii.gz").write_bytes(b"finished earlier")  # a previous run's output: kept, not recomputed
+    args = ["synthesize", "--model", str(model_dir), "--mri", str(src), "--out", str(out)]
+    assert cli.main(args) == 0
+    assert (out / "a_pet.nii.gz").read_bytes() == b"finished earlier"
+    printed = capsys.readouterr().out
+    assert "1 outputs already there are kept (2 to do" in printed and "[synthesize] 2/2 done" in printed
+    with (out / "synthesis.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [Path(r["input"]).name for r in rows] == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
+    stamp = (out / "b_pet.nii.gz").stat().st_mtime_ns
+    assert cli.main(args) == 0  # nothing left to do
+    assert (out / "b_pet.nii.gz").stat().st_mtime_ns == stamp
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert nib.load(str(out / "a_pet.nii.gz")).shape[-1] == config.tiny().geometry.pet_frames
+
+
+def test_report_rows_are_appended_as_inputs_finish(tmp_path: Path) -> None:
+    report = tmp_path / "synthesis.csv"
+    syn.append_report(report, syn.Result("a.nii", "a_pet.nii.gz", "ok"))
+    syn.append_report(report, syn.Result("b.nii", "", "rejected", "bad header"))
+    with report.open() as fh:
+        assert list(csv.reader(fh)) == [list(syn.REPORT_COLUMNS), ["a.nii", "a_pet.nii.gz", "ok", ""],
+                                        ["b.nii", "", "rejected", "bad header"]]

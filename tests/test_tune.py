@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +41,17 @@ def test_sweep_logs_child_runs_with_metrics_and_resumes(tmp_path: Path, tiny_sha
     assert len(again) == 2 and again.num_errors == 0
     runs = client.search_runs([exp.experiment_id])
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]) == 2
+
+
+@pytest.mark.slow
+def test_cli_tune_of_two_trials_finishes_on_a_two_cpu_ray(tmp_path: Path, tiny_shards: str) -> None:
+    """`ganbert tune` as a user runs it, on the local Ray the CLI starts with 2 logical CPUs (a 2-core machine)."""
+    space = tmp_path / "two.yaml"
+    space.write_text("sequence.pet_mask_ratio:\n  grid: [0.1, 0.25]\ntune:\n  metric: val_psnr\n  mode: max\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(GANBERT_NUM_CPUS="2", GANBERT_HOME=str(tmp_path / "home"))
+    cmd = [str(Path(sys.executable).parent / "ganbert"), "tune", "--space", str(space), "--preset", "tiny",
+           "--data", tiny_shards, "optim.epochs=1", "run.experiment=cli-tune"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "[tune] 2 trials, 0 errored" in out.stdout, out.stdout[-4000:]

@@ -143,11 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mri", required=True, help="a T1 NIfTI, or a folder of them (Ray Data)")
     p.add_argument("--out", required=True, help="output NIfTI, or a folder in folder mode")
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (default: refuse; folder mode keeps them and resumes)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="folder mode: inputs per actor batch (default 4 on GPU actors, 1 on CPU)")
 
     p = add("bench", _bench, "print benchmark figures (and update BENCHMARKS.md)")
-    p.add_argument("what", choices=("step", "preprocess", "tokens"))
+    p.add_argument("what", choices=("step", "preprocess", "tokens", "loader"))
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--data", default=None, help="tokens: shards to measure (default: the cached phantom)")
+    p.add_argument("--data", default=None, help="tokens, loader: preprocessed shards (default: the cached phantom)")
     p.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
     _config_args(p)
 

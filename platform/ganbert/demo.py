@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -59,10 +60,13 @@ def held_out_t1(raw: Path, data_dir: str, tracer: str) -> tuple[str, Path]:
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     say = Clock()
+    # Only the demo's own lines and the per-epoch [val] line: no per-step [train] lines, no MLflow download bars
+    # (set before Ray starts, so its workers inherit it).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     raw, data_dir, tracking_uri = out / "raw", str(out / "shards"), f"sqlite:///{out}/mlflow.db"
-    cfg = config_mod.apply(cfg, {"run.storage": str(out / "ray"), "run.experiment": "demo"})
+    cfg = config_mod.apply(cfg, {"run.storage": str(out / "ray"), "run.experiment": "demo", "run.log_every": 0})
     tracer = cfg.geometry.tracer
 
     if (raw / "COMPLETE").exists():

@@ -18,11 +18,13 @@ Every file is written atomically (a temporary file in the target folder, then os
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -35,6 +37,7 @@ from ganbert.config import Config
 from ganbert.data.nifti import VolumeError, is_nifti_name, load_header
 from ganbert.data.preprocess import conform_mri, pet_affine
 from ganbert.metrics import mri_stats, normalise_mri, restore_pet
+from ganbert.progress import Progress
 from ganbert.tracking import resolve_model_dir
 from ganbert.train.checkpoint import load_generator
 
@@ -162,14 +165,18 @@ def save_atomic(img: nib.Nifti1Image, path: Path | str) -> Path:
     return path
 
 
-def synthesize_file(generator: nn.Module, cfg: Config, mri_path: Path | str, out_path: Path | str) -> Result:
+def synthesize_file(generator: nn.Module, cfg: Config, mri_path: Path | str, out_path: Path | str,
+                    overwrite: bool = False) -> Result:
     """Read and validate one T1 file, synthesise, write `out_path` atomically; returns its Result.
 
-    Raises ValueError (VolumeError) naming the file and the reason for a bad input.
+    Raises ValueError (VolumeError) naming the file and the reason for a bad input, and ValueError when
+    `out_path` exists and `overwrite` is false.
     """
     mri_path, out_path = Path(mri_path), Path(out_path)
     if mri_path.resolve() == out_path.resolve():
         raise ValueError(f"output {out_path}: would overwrite the input")
+    if out_path.exists() and not overwrite:
+        raise ValueError(f"output {out_path}: exists; pass --overwrite to replace it")
     img, _ = load_header(mri_path)
     pet = synthesize_volume(generator, cfg, img)
     save_atomic(pet, out_path)
@@ -232,7 +239,7 @@ class Synthesizer:
     """Ray Data callable class: loads the model once per actor, synthesises a batch of (input, output) rows."""
 
     def __init__(self, model: str, tracking_uri: str | None, threads: int = 1) -> None:
-        torch.set_num_threads(max(1, int(threads)))
+        torch.set_num_threads(max(1, int(threads)))  # on a GPU actor, load_model places the generator on CUDA
         self.generator, self.cfg = load_model(model, tracking_uri)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -240,7 +247,7 @@ class Synthesizer:
         rows = []
         for index, src, dst in zip(batch["index"], batch["input"], batch["output"]):
             try:
-                res = synthesize_file(self.generator, self.cfg, str(src), str(dst))
+                res = synthesize_file(self.generator, self.cfg, str(src), str(dst), overwrite=True)
                 rows.append((int(index), "ok", "", res.vmin, res.vmax))
             except Exception as err:  # noqa: BLE001 - a bad input is reported and skipped, the rest goes on
                 rows.append((int(index), "rejected", _reason(err), float("nan"), float("nan")))
@@ -250,9 +257,18 @@ class Synthesizer:
                 "vmax": np.asarray(cols[4], dtype=np.float64)}
 
 
-def _run_on_ray(jobs: list[tuple[Path, Path]], model: str, tracking_uri: str | None,
-                num_cpus: int | None) -> list[Result]:
-    """Synthesise every (input, output) job on Ray Data actors, at most one actor per CPU; results in job order."""
+def actor_plan(resources: dict[str, float], jobs: int, batch_size: int | None = None) -> dict[str, Any]:
+    """Ray Data actor settings: one GPU actor per GPU with batches of `batch_size` (default 4) when the cluster
+    has GPUs, else one single-threaded CPU actor per CPU with batch 1."""
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if gpus >= 1:
+        return {"num_gpus": 1, "num_cpus": 1, "size": max(1, min(jobs, gpus)), "batch_size": batch_size or 4}
+    return {"num_gpus": 0, "num_cpus": 1, "size": max(1, min(jobs, cpus)), "batch_size": batch_size or 1}
+
+
+def _run_on_ray(jobs: list[tuple[Path, Path]], model: str, tracking_uri: str | None, num_cpus: int | None,
+                batch_size: int | None = None) -> Iterator[Result]:
+    """Synthesise every (input, output) job on Ray Data actors; yields Results as they finish (any order)."""
     import ray
     from ray.data import DataContext
 
@@ -261,22 +277,22 @@ def _run_on_ray(jobs: list[tuple[Path, Path]], model: str, tracking_uri: str | N
     ensure_ray(num_cpus or LOCAL_RAY_CPUS)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    concurrency = max(1, min(len(jobs), cpus))
+    plan = actor_plan(ray.cluster_resources(), len(jobs), batch_size)
     items = [{"index": i, "input": str(src), "output": str(dst)} for i, (src, dst) in enumerate(jobs)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    blocks = max(1, -(-len(items) // plan["batch_size"]))
+    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         Synthesizer, fn_constructor_kwargs={"model": model, "tracking_uri": tracking_uri, "threads": 1},
-        batch_size=1, batch_format="numpy", num_cpus=1, compute=ray.data.ActorPoolStrategy(size=concurrency))
-    rows = {int(r["index"]): r for r in ds.take_all()}
-    if len(rows) != len(jobs):
-        raise RuntimeError(f"Ray Data returned {len(rows)} of {len(jobs)} results")
-    out = []
-    for i, (src, dst) in enumerate(jobs):
-        r = rows[i]
+        batch_size=plan["batch_size"], batch_format="numpy", num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
+        compute=ray.data.ActorPoolStrategy(size=plan["size"]))
+    seen = 0
+    for r in ds.iter_rows():
+        src, dst = jobs[int(r["index"])]
         ok = r["status"] == "ok"
-        out.append(Result(str(src), str(dst) if ok else "", str(r["status"]), str(r["reason"]),
-                          vmin=float(r["vmin"]), vmax=float(r["vmax"])))
-    return out
+        seen += 1
+        yield Result(str(src), str(dst) if ok else "", str(r["status"]), str(r["reason"]),
+                     vmin=float(r["vmin"]), vmax=float(r["vmax"]))
+    if seen != len(jobs):
+        raise RuntimeError(f"Ray Data returned {seen} of {len(jobs)} results")
 
 
 def write_report(path: Path, results: list[Result]) -> Path:
@@ -284,12 +300,35 @@ def write_report(path: Path, results: list[Result]) -> Path:
     return write_csv(path, REPORT_COLUMNS, ([r.input, r.output, r.status, r.reason] for r in results))
 
 
+def append_report(path: Path, result: Result) -> None:
+    """Append one row to `synthesis.csv` as soon as its input is done (header first when the file is new)."""
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new:
+            writer.writerow(REPORT_COLUMNS)
+        writer.writerow([result.input, result.output, result.status, result.reason])
+        fh.flush()
+
+
+def split_finished(jobs: list[tuple[Path, Path]], overwrite: bool) -> tuple[list[tuple[Path, Path]], list[Result]]:
+    """(jobs still to run, Results of outputs already there): a rerun resumes; `overwrite` redoes everything."""
+    if overwrite:
+        return jobs, []
+    todo = [(src, dst) for src, dst in jobs if not dst.exists()]
+    done = [Result(str(src), str(dst), "ok", "") for src, dst in jobs if dst.exists()]
+    return todo, done
+
+
 def synthesize_folder(model: str, mri_dir: Path | str, out_dir: Path | str, tracking_uri: str | None = None,
-                      num_cpus: int | None = None) -> list[Result]:
+                      num_cpus: int | None = None, overwrite: bool = False,
+                      batch_size: int | None = None) -> list[Result]:
     """Synthesise every `*.nii(.gz)` in `mri_dir` to `<out_dir>/<stem>_pet.nii.gz` on Ray Data; write synthesis.csv.
 
-    The model is checked here first (a bad model raises ValueError before Ray starts). A bad input is
-    rejected with its reason and the rest are written. Outputs must be on storage every Ray node sees.
+    Outputs already in `out_dir` are kept and not recomputed (a rerun resumes) unless `overwrite`. Each
+    result is appended to synthesis.csv as it finishes; at the end the file is rewritten in input order.
+    The model is checked first (a bad model raises ValueError before Ray starts). A bad input is rejected
+    with its reason and the rest are written. Outputs must be on storage every Ray node sees.
     Returns one Result per input, in sorted input order.
     """
     mri_dir, out_dir = Path(mri_dir).resolve(), Path(out_dir).resolve()
@@ -305,10 +344,23 @@ def synthesize_folder(model: str, mri_dir: Path | str, out_dir: Path | str, trac
     load_model(model_ref, tracking_uri)  # fail fast on a bad model, before any actor starts
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs, rejected = plan_outputs(inputs, out_dir)
-    results = rejected + _run_on_ray(jobs, model_ref, tracking_uri, num_cpus)
+    jobs, results = split_finished(jobs, overwrite)
+    results += rejected
+    report = out_dir / REPORT
+    report.unlink(missing_ok=True)
+    for r in results:
+        append_report(report, r)
+    if results and jobs:
+        print(f"[synthesize] {len(results) - len(rejected)} outputs already there are kept "
+              f"({len(jobs)} to do; --overwrite redoes them)", flush=True)
+    progress = Progress("synthesize", len(jobs))
+    for r in _run_on_ray(jobs, model_ref, tracking_uri, num_cpus, batch_size) if jobs else ():
+        append_report(report, r)
+        results.append(r)
+        progress.step()
     order = {str(p): i for i, p in enumerate(inputs)}
     results.sort(key=lambda r: order[r.input])
-    write_report(out_dir / REPORT, results)
+    write_report(report, results)
     return results
 
 
@@ -323,7 +375,8 @@ def main(args: argparse.Namespace) -> int:
     mri, out = Path(args.mri), Path(args.out)
     tracking_uri = getattr(args, "tracking_uri", None)
     if mri.is_dir():
-        results = synthesize_folder(args.model, mri, out, tracking_uri)
+        results = synthesize_folder(args.model, mri, out, tracking_uri, overwrite=getattr(args, "overwrite", False),
+                                    batch_size=getattr(args, "batch_size", None))
         bad = [r for r in results if r.status != "ok"]
         for r in bad:
             print(f"rejected {r.input}: {r.reason}")
@@ -331,9 +384,11 @@ def main(args: argparse.Namespace) -> int:
               f"in {Path(out).resolve()} (see {Path(out).resolve() / REPORT})")
         return 1 if bad else 0
     target = output_for(mri, out)
+    if target.exists() and not getattr(args, "overwrite", False):
+        raise ValueError(f"output {target}: exists; pass --overwrite to replace it")
     load_header(mri)  # a bad input is reported before the model is loaded (or downloaded)
     generator, cfg = load_model(args.model, tracking_uri)
-    res = synthesize_file(generator, cfg, mri, target)
+    res = synthesize_file(generator, cfg, mri, target, overwrite=getattr(args, "overwrite", False))
     print(f"synthesize: wrote {res.output} shape {res.shape} float32, values {res.vmin:.4g} .. {res.vmax:.4g} "
           f"({cfg.geometry.tracer}, PET units)")
     return 0

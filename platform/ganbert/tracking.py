@@ -42,12 +42,14 @@ MODEL_REQUIREMENTS = ("torch", "safetensors", "pyyaml", "numpy", "transformers",
 _URI_LOCK = threading.Lock()
 
 
-def default_tracking_uri(root: str | Path = "runs") -> str:
-    """`$MLFLOW_TRACKING_URI` if set, else `sqlite:///<abs root>/mlflow.db` (root is created)."""
+def default_tracking_uri(root: str | Path | None = None) -> str:
+    """`$MLFLOW_TRACKING_URI` if set, else `sqlite:///<root or the project home>/mlflow.db` (folder created)."""
+    from ganbert.home import home
+
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
         return env
-    folder = Path(root).expanduser().resolve()
+    folder = Path(root).expanduser().resolve() if root is not None else home()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
 
@@ -370,6 +372,24 @@ def find_run(tracking_uri: str, experiment: str, run_name: str) -> str | None:
     runs = client.search_runs([found.experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def end_open_run(tracking_uri: str, experiment: str, run_name: str, status: str) -> str | None:
+    """End the latest run named `run_name` with `status` if it is still RUNNING (its process died or was stopped).
+
+    Called by the driver, which outlives the workers that log the run: a run never stays RUNNING. Returns its id.
+    """
+    from mlflow import MlflowClient
+
+    if status not in RUN_STATUSES:
+        raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+    run_id = find_run(tracking_uri, experiment, run_name)
+    if run_id is None:
+        return None
+    client = MlflowClient(tracking_uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
+    return run_id
 
 
 # --- figures ------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from ray.tune.schedulers import ASHAScheduler
 
 from ganbert import config as config_mod
 from ganbert.config import Config
+from ganbert import home
 from ganbert.search_space import BUNDLE_KEY, load_space, trial_overrides
-from ganbert.tracking import MLflowTracker, default_tracking_uri, find_run, link_model, set_runs_view
+from ganbert.tracking import MLflowTracker, default_tracking_uri, end_open_run, find_run, link_model, set_runs_view
 from ganbert.raysession import ensure_ray
 from ganbert.train.loop import data_dir_for, fit
 
@@ -25,7 +26,7 @@ from ganbert.train.loop import data_dir_for, fit
 def trial_config(base: Config, swept: dict[str, Any], sweep: str, trial_id: str) -> Config:
     """The run config of one trial: base + swept overrides, its own run name under the sweep's storage."""
     cfg = config_mod.apply(base, trial_overrides(swept))
-    storage = str(Path(base.run.storage).resolve() / sweep)
+    storage = home.join(home.resolve(base.run.storage), sweep)
     return config_mod.apply(cfg, {"run.name": f"{sweep}-{trial_id}", "run.storage": storage})
 
 
@@ -38,6 +39,28 @@ def run_trial(swept: dict[str, Any], base: dict[str, Any], sweep: str, data_dir:
     fit(cfg, data_dir, tracking_uri, parent_run_id=parent_run_id, tags=tags, callbacks=[TuneReportCallback()])
 
 
+class RunEnds(tune.Callback):
+    """Ends a trial's MLflow child run on the sweep driver: FAILED when the trial errored for good, KILLED when
+    a scheduler (ASHA) stopped it or the sweep was interrupted; a finished trial's run is already FINISHED."""
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep: str) -> None:
+        self.tracking_uri, self.experiment, self.sweep = tracking_uri, experiment, sweep
+
+    def _end(self, trial: Any, status: str) -> None:
+        end_open_run(self.tracking_uri, self.experiment, f"{self.sweep}-{trial.trial_id}", status)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._end(trial, "KILLED")  # only a run its workers left open: a trial stopped before its last epoch
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._end(trial, "FAILED")
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        for trial in trials:
+            if trial.status != "TERMINATED" and trial.status != "ERROR":
+                self._end(trial, "KILLED")
+
+
 def sweep_name(space_path: str | Path, cfg: Config) -> str:
     return f"{cfg.run.name}-{Path(space_path).stem}"
 
@@ -47,7 +70,7 @@ def run_sweep(space_path: str | Path, cfg: Config, data_dir: str, tracking_uri: 
     """Run (or resume) the sweep of `space_path` over `cfg`; returns Tune's results."""
     space = load_space(space_path, cfg)
     name = sweep_name(space_path, cfg)
-    storage = Path(cfg.run.storage).resolve()
+    storage = home.resolve(cfg.run.storage)
     parent = MLflowTracker(tracking_uri, cfg.run.experiment, name, run_id=find_run(tracking_uri, cfg.run.experiment, name),
                            tags={"ganbert.sweep": name, "ganbert.space": Path(space_path).name})
     parent.log_params({f"space.{k}": v for k, v in space.specs.items()})
@@ -55,17 +78,19 @@ def run_sweep(space_path: str | Path, cfg: Config, data_dir: str, tracking_uri: 
         tune.with_parameters(run_trial, base=cfg.to_dict(), sweep=name, data_dir=data_dir,
                              tracking_uri=tracking_uri, parent_run_id=parent.run_id),
         {"CPU": 0.01})  # the driver only waits: the CPUs go to the Train workers
-    path = storage / name
-    if tune.Tuner.can_restore(str(path)):
+    path = home.join(storage, name)
+    ends = RunEnds(tracking_uri, cfg.run.experiment, name)
+    if tune.Tuner.can_restore(path):
         print(f"[tune] resuming sweep {name} from {path}", flush=True)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+        tuner._local_tuner._run_config.callbacks = [ends]  # type: ignore[union-attr]  # not restored with the sweep
     else:
         scheduler = ASHAScheduler(max_t=cfg.optim.epochs, grace_period=1, time_attr="epoch") if asha else None
         tuner = tune.Tuner(
             trainable, param_space=space.param_space,
             tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
                                         max_concurrent_trials=max_concurrent, scheduler=scheduler),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage)))
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[ends]))
     try:
         results = tuner.fit()
     except BaseException:
@@ -106,7 +131,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     ensure_ray(dashboard=True)
     data_dir = data_dir_for(cfg, args.data)
     tracking_uri = args.tracking_uri or default_tracking_uri()
-    cfg = config_mod.apply(cfg, {"run.storage": str(Path(cfg.run.storage).resolve())})  # trials run elsewhere
+    cfg = config_mod.apply(cfg, {"run.storage": home.resolve(cfg.run.storage)})  # trials run elsewhere
     results = run_sweep(args.space, cfg, data_dir, tracking_uri, args.max_concurrent, args.asha)
     metric = load_space(args.space, cfg).metric
     print(f"[tune] {len(results)} trials, {results.num_errors} errored")

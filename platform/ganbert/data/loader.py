@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,7 +24,10 @@ def _manifest(data_dir: Path | str, geometry: GeometryConfig | None = None) -> d
     return manifest
 
 
-READ_CPUS = 0.25
+# Read tasks reserve no CPU: their consumer (a Train worker, a Tune trial driver, the CLI) already holds the CPU
+# they feed, and any positive reservation deadlocks a node whose whole CPUs all went to Train workers (2 workers on
+# 2 CPUs) or to one worker plus a trial driver's fraction. Ray Data still bounds them by object-store budget.
+READ_CPUS = 0.0
 
 
 def shard_paths(data_dir: Path | str, split: str, tracer: str | None = None,
@@ -42,24 +47,103 @@ def count_rows(data_dir: Path | str, split: str, tracer: str | None = None) -> i
     return sum(s["rows"] for s in shards.shards_for(shards.read_manifest(data_dir), split, tracer))
 
 
-def read_split(data_dir: Path | str, split: str, tracer: str | None = None,
-               geometry: GeometryConfig | None = None) -> Any:
-    """A lazy `ray.data.Dataset` over the shards of one split (and tracer), rows in manifest order.
+def _open(path: str) -> Any:
+    """A pyarrow input file for a local path or a URI pyarrow understands (s3://, gs://, file://, hdfs://)."""
+    import pyarrow.fs as pafs
 
-    With `geometry`, raises ValueError when the shards were made for another geometry. Starts a local
-    Ray if none is running, and sets DataContext.execution_options.preserve_order so that iteration order
-    (and a seeded local shuffle) is deterministic. Nothing is read until the dataset is iterated.
+    if "://" in path:
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return fs.open_input_file(inner)
+    return pafs.LocalFileSystem().open_input_file(path)
+
+
+def _take_rows(path: str, rows: list[int]) -> dict[int, Any]:
+    """{row: 1-row pyarrow table} for the given rows of one shard, reading only the row groups that hold them."""
+    pf = pq.ParquetFile(_open(path))
+    starts = list(itertools.accumulate((pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)),
+                                       initial=0))
+    group_of = {r: bisect.bisect_right(starts, r) - 1 for r in rows}
+    groups = sorted(set(group_of.values()))
+    table = pf.read_row_groups(groups)
+    offset, seen = {}, 0
+    for g in groups:
+        offset[g] = seen
+        seen += starts[g + 1] - starts[g]
+    return {r: table.slice(offset[group_of[r]] + r - starts[group_of[r]], 1) for r in rows}
+
+
+def _read_positions(batch: Any) -> Any:
+    """Ray Data UDF: the rows named by (`file`, `row`) of a pyarrow batch, in the batch's order."""
+    import pyarrow as pa
+
+    files, rows = batch.column("file").to_pylist(), batch.column("row").to_pylist()
+    taken = {f: _take_rows(f, sorted({r for g, r in zip(files, rows) if g == f})) for f in dict.fromkeys(files)}
+    return pa.concat_tables([taken[f][r] for f, r in zip(files, rows)]).combine_chunks()
+
+
+def split_positions(data_dir: Path | str, split: str, tracer: str | None = None,
+                    geometry: GeometryConfig | None = None) -> list[tuple[str, int]]:
+    """(shard path, row) of every row of a split (and tracer), in manifest order."""
+    paths = shard_paths(data_dir, split, tracer, geometry)
+    manifest = _manifest(data_dir)
+    rows = {s["file"]: int(s["rows"]) for s in manifest["shards"]}
+    return [(str(p), r) for p in paths for r in range(rows[Path(p).name])]
+
+
+def epoch_positions(positions: list[tuple[str, int]], seed: int, epoch: int, rank: int = 0,
+                    world: int = 1) -> list[tuple[str, int]]:
+    """This rank's part of a seeded permutation of all `positions` for one epoch (equal parts, rank::world).
+
+    Depends only on (seed, epoch, rank, world): a resumed run sees the order an uninterrupted one would.
     """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world) with world >= 1, got rank={rank} world={world}")
+    order = np.random.default_rng([int(seed), int(epoch)]).permutation(len(positions))
+    per_rank = len(positions) // world
+    return [positions[i] for i in order[rank::world][:per_rank]]
+
+
+def positions_dataset(positions: list[tuple[str, int]], rows_per_read: int = 4) -> Any:
+    """A lazy `ray.data.Dataset` of the given rows in the given order (read tasks of READ_CPUS each)."""
     import ray
 
     from ganbert.data.preprocess import _quiet_data_context
     from ganbert.raysession import ensure_ray
 
-    paths = shard_paths(data_dir, split, tracer, geometry)
+    if not positions:
+        raise ValueError("positions: no rows to read")
     ensure_ray()
     _quiet_data_context()
-    # Reads are I/O: a quarter CPU each, so they still run beside Train workers (and Tune drivers) that
-    # hold every whole CPU of a small node.
+    items = [{"file": f, "row": r} for f, r in positions]
+    blocks = max(1, (len(items) + rows_per_read - 1) // rows_per_read)
+    # from_items + map_batches: no ListFiles task (Ray Data's file listing asks a whole CPU, which a 2-CPU node
+    # whose CPUs are held by a Train worker and a Tune trial driver never has free).
+    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        _read_positions, batch_size=rows_per_read, batch_format="pyarrow", num_cpus=READ_CPUS)
+
+
+def read_split(data_dir: Path | str, split: str, tracer: str | None = None,
+               geometry: GeometryConfig | None = None) -> Any:
+    """A lazy `ray.data.Dataset` over the rows of one split (and tracer), in manifest order.
+
+    With `geometry`, raises ValueError when the shards were made for another geometry. Starts a local
+    Ray if none is running and sets DataContext.execution_options.preserve_order. Read tasks ask
+    READ_CPUS each (no whole-CPU listing task). Nothing is read until the dataset is iterated.
+    """
+    return positions_dataset(split_positions(data_dir, split, tracer, geometry))
+
+
+def epoch_dataset(data_dir: Path | str, split: str, tracer: str | None, seed: int, epoch: int, rank: int = 0,
+                  world: int = 1) -> Any:
+    """This rank's rows of a seeded per-epoch permutation of the whole split, as a lazy Ray Dataset."""
+    return positions_dataset(epoch_positions(split_positions(data_dir, split, tracer), seed, epoch, rank, world))
+
+
+def legacy_read_split(data_dir: Path | str, split: str, tracer: str | None = None) -> Any:
+    """The former loader (read_parquet in shard order), kept only for `ganbert bench loader` comparisons."""
+    import ray
+
+    paths = shard_paths(data_dir, split, tracer)
     return ray.data.read_parquet([str(p) for p in paths], partitioning=None, shuffle=None,
                                  override_num_blocks=len(paths), num_cpus=READ_CPUS)
 

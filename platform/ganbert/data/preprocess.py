@@ -20,6 +20,7 @@ for a subject once recorded in the manifest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -36,6 +37,7 @@ from scipy import ndimage
 
 from ganbert.atomic import write_text
 from ganbert.config import TRACERS, Config, GeometryConfig
+from ganbert.progress import Progress
 from ganbert.raysession import ensure_ray
 from ganbert.data import adni, shards, stats
 from ganbert.data.nifti import Volume, VolumeError, check_values, image_data, read_volume, stack_frames
@@ -330,17 +332,71 @@ def _clean_tmp(out: Path) -> None:
             path.unlink()
 
 
+LOCK_FILE = ".preprocess.lock"
+
+
+@contextlib.contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` for one preprocess run; ValueError at once if another run holds it."""
+    with (out / LOCK_FILE).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"out {out}: another `ganbert preprocess` is writing there (lock {out / LOCK_FILE}); "
+                             "wait for it to finish or choose another folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def fallback_t1(pet: adni.Scan, scans: list[adni.Scan], window_days: int, refused: set[str]) -> adni.Scan | None:
+    """The subject's next-nearest T1 within the window for `pet`, skipping T1 image ids in `refused`."""
+    options = sorted((m for m in scans if m.kind == "T1" and m.subject == pet.subject and m.image_id not in refused
+                      and abs((pet.acq_date - m.acq_date).days) <= window_days),
+                     key=lambda m: (abs((pet.acq_date - m.acq_date).days), m.acq_date, _natural(m.image_id)))
+    return options[0] if options else None
+
+
+def _fallback_job(job: dict[str, Any], mri: adni.Scan, pet: adni.Scan) -> dict[str, Any]:
+    """The job of `job`'s PET paired with another T1 (its nearest one was rejected)."""
+    return job | {"mri_image_id": mri.image_id, "mri_file": mri.files[0], "group": pet.group or mri.group,
+                  "days_apart": (pet.acq_date - mri.acq_date).days}
+
+
+def pairs_in_shards(manifest: dict[str, Any], scans: list[adni.Scan]) -> list[adni.Pair]:
+    """The pairs the shards hold (manifest rows), so pairs.csv always agrees with them after any rerun."""
+    by_id = {s.image_id: s for s in scans}
+    pairs = []
+    for row in manifest["rows"]:
+        pet, mri = by_id.get(row["pet_image_id"]), by_id.get(row["mri_image_id"])
+        if pet is not None and mri is not None:
+            pairs.append(adni.Pair(pet=pet, mri=mri, days_apart=int(row["days_apart"])))
+    return sorted(pairs, key=lambda p: (p.subject, p.tracer, _natural(p.pet.image_id)))
+
+
 def run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb: float = shards.DEFAULT_SHARD_MB,
         val_fraction: float = 0.1, test_fraction: float = 0.1, num_cpus: int | None = None) -> dict[str, Any]:
+    """`_run` holding the output folder's lock (two runs into one folder would delete each other's files)."""
+    raw, out = Path(raw).resolve(), Path(out).resolve()
+    if raw == out:
+        raise ValueError(f"out must differ from raw ({raw}): outputs would be read back as inputs")
+    out.mkdir(parents=True, exist_ok=True)
+    with out_lock(out):
+        return _run(raw, out, cfg, window_days, shard_mb=shard_mb, val_fraction=val_fraction,
+                    test_fraction=test_fraction, num_cpus=num_cpus)
+
+
+def _run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb: float = shards.DEFAULT_SHARD_MB,
+         val_fraction: float = 0.1, test_fraction: float = 0.1, num_cpus: int | None = None) -> dict[str, Any]:
     """Ingest an ADNI-layout download, preprocess every new pair on Ray Data and append Parquet shards.
 
     Writes out/{manifest.json, <split>-<tracer>-<n>.parquet, pairs.csv, unpaired.csv, rejected.csv}.
     Pairs already in the manifest are skipped, so a rerun writes nothing new and leaves every file as it was.
+    A PET whose nearest T1 is rejected falls back to the next-nearest T1 in the window. pairs.csv lists
+    exactly the pairs in the shards.
     Returns a summary: pairs, written, skipped_existing, rejected, unpaired, shards, rows.
     """
-    raw, out = Path(raw).resolve(), Path(out).resolve()
-    if raw == out:
-        raise ValueError(f"out must differ from raw ({raw}): outputs would be read back as inputs")
     geometry = cfg.geometry
     ingest = adni.ingest(raw, window_days, min_frames=geometry.pet_frames)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,36 +417,50 @@ def run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb: 
     rejected, unpaired = list(ingest.rejected), list(ingest.unpaired)
     writer = shards.ShardWriter(out, geometry, manifest, shard_mb)
     mri_shape, pet_shape = shards.mri_shape(geometry), shards.pet_shape(geometry)
+    scans = {s.image_id: s for s in ingest.scans}
+    refused: set[str] = set()
+    progress, n_jobs = Progress("preprocess", len(jobs)), len(jobs)
     try:
-        for job, result in zip(jobs, _run_jobs(jobs, raw, geometry, num_cpus) if jobs else []):
-            meta = json.loads(result["meta"])
-            if "error" in meta:
-                bad_id = job["mri_image_id"] if meta["which"] == "mri" else job["pet_image_id"]
-                rejected.append(adni.Issue(meta["file"], bad_id, job["subject"], "data", meta["error"]))
-                if meta["which"] == "mri":
-                    unpaired.append(adni.Issue(job["pet_files"][0], job["pet_image_id"], job["subject"], "pair",
-                                               f"its T1 {job['mri_image_id']} was rejected (see rejected.csv)"))
-                continue
-            row = {k: job[k] for k in shards.STRING_COLUMNS} | {
-                "days_apart": job["days_apart"], "mri_mean": meta["mri_mean"], "mri_std": meta["mri_std"],
-                "mri": np.frombuffer(result["mri"], dtype=np.uint8).reshape(mri_shape),
-                "pet": np.frombuffer(result["pet"], dtype=np.float32).reshape(pet_shape),
-                "mri_affine": np.asarray(meta["mri_affine"], dtype=np.float64).reshape(4, 4)}
-            record = {k: job[k] for k in (*shards.STRING_COLUMNS, "days_apart")} | {
-                "sources": meta["sources"], "stats": meta["stats"],
-                "shapes": {"mri": list(mri_shape), "pet": list(pet_shape)}}
-            writer.add(row, record)
+        while jobs:
+            retry: list[dict[str, Any]] = []
+            for job, result in zip(jobs, _run_jobs(jobs, raw, geometry, num_cpus)):
+                progress.step()
+                meta = json.loads(result["meta"])
+                if "error" in meta:
+                    bad_id = job["mri_image_id"] if meta["which"] == "mri" else job["pet_image_id"]
+                    rejected.append(adni.Issue(meta["file"], bad_id, job["subject"], "data", meta["error"]))
+                    if meta["which"] == "mri":
+                        refused.add(bad_id)
+                        pet = scans[job["pet_image_id"]]
+                        other = fallback_t1(pet, ingest.scans, window_days, refused)
+                        if other is not None:
+                            retry.append(_fallback_job(job, other, pet))
+                            progress.total += 1
+                            continue
+                        unpaired.append(adni.Issue(job["pet_files"][0], job["pet_image_id"], job["subject"], "pair",
+                                                   f"its T1 {job['mri_image_id']} was rejected (see rejected.csv)"))
+                    continue
+                row = {k: job[k] for k in shards.STRING_COLUMNS} | {
+                    "days_apart": job["days_apart"], "mri_mean": meta["mri_mean"], "mri_std": meta["mri_std"],
+                    "mri": np.frombuffer(result["mri"], dtype=np.uint8).reshape(mri_shape),
+                    "pet": np.frombuffer(result["pet"], dtype=np.float32).reshape(pet_shape),
+                    "mri_affine": np.asarray(meta["mri_affine"], dtype=np.float64).reshape(4, 4)}
+                record = {k: job[k] for k in (*shards.STRING_COLUMNS, "days_apart")} | {
+                    "sources": meta["sources"], "stats": meta["stats"],
+                    "shapes": {"mri": list(mri_shape), "pet": list(pet_shape)}}
+                writer.add(row, record)
+            jobs = retry
         writer.close()
     except BaseException:
         writer.abort()
         raise
     if writer.written or stats.KEY not in manifest:
         stats.record(out, manifest, cfg.sequence.length)  # token calibration and PET level, once, here
-    adni.write_pairs(out / "pairs.csv", ingest.pairs)
+    adni.write_pairs(out / "pairs.csv", pairs_in_shards(manifest, ingest.scans))
     adni.write_issues(out / "unpaired.csv", unpaired)
     adni.write_issues(out / "rejected.csv", rejected)
     n_rejected = len({(i.file, i.image_id, i.reason) for i in rejected})
-    return {"pairs": len(ingest.pairs), "written": writer.written, "skipped_existing": len(ingest.pairs) - len(jobs),
+    return {"pairs": len(ingest.pairs), "written": writer.written, "skipped_existing": len(ingest.pairs) - n_jobs,
             "rejected": n_rejected, "unpaired": len({(i.file, i.image_id) for i in unpaired}),
             "shards": len(manifest["shards"]), "rows": len(manifest["rows"]),
             "splits": {s: sum(1 for v in splits.values() if v == s) for s in shards.SPLITS}, "out": str(out)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -22,14 +23,13 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ganbert import metrics
-from ganbert.atomic import write_text
+from ganbert import home, metrics
 from ganbert.config import Config, from_dict
 from ganbert.data import loader, stats
 from ganbert.models import Networks, build_networks
 from ganbert.raysession import ensure_ray
 from ganbert.sequence import Vocabulary
-from ganbert.tracking import MLflowTracker, Tracker, default_tracking_uri, histogram_png, make_tracker, montage_png
+from ganbert.tracking import MLflowTracker, Tracker, default_tracking_uri, end_open_run, histogram_png, make_tracker, montage_png
 from ganbert.train.checkpoint import STATE, load_generator, load_state, save_model_dir, save_state
 from ganbert.train.device import place_networks
 from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch, unwrap
@@ -59,10 +59,13 @@ def steps_per_epoch(cfg: Config, train_rows: int) -> int:
     return steps
 
 
-def _micro_batches(cfg: Config, shard: Any, epoch: int, device: torch.device) -> Iterator[list[Batch]]:
-    """Groups of `accumulation` normalised micro-batches from this worker's shard (order fixed by seed+epoch)."""
+def _micro_batches(cfg: Config, data_dir: str, epoch: int, device: torch.device) -> Iterator[list[Batch]]:
+    """Groups of `accumulation` normalised micro-batches: this worker's part of the epoch's seeded permutation."""
+    ctx = ray.train.get_context()
+    ds = loader.epoch_dataset(data_dir, "train", cfg.geometry.tracer, cfg.run.seed, epoch, ctx.get_world_rank(),
+                              ctx.get_world_size())
     group: list[Batch] = []
-    for raw in loader.torch_batches(shard, cfg.optim.batch_size, shuffle_seed=cfg.run.seed + epoch, drop_last=True):
+    for raw in loader.torch_batches(ds, cfg.optim.batch_size, drop_last=True):
         group.append(to_batch(raw, device))
         if len(group) == cfg.optim.accumulation:
             yield group
@@ -127,9 +130,18 @@ def training_state(cfg: Config, device: torch.device, total_steps: int, checkpoi
     return nets, opt, meta
 
 
+def _quiet_train_reports() -> None:
+    """Silence Train V2's per-report INFO dump ("Reporting training result N: TrainingReport(...)"), logged by a
+    logger named after its module's file, so neither ray.train's level nor Ray's LoggingConfig reach it."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: resume if a checkpoint exists, then epochs of GAN steps."""
     cfg = from_dict(loop_cfg["config"])
+    _quiet_train_reports()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
@@ -156,8 +168,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     for epoch in range(meta["epoch"] + 1, cfg.optim.epochs):
         seed_everything(cfg.run.seed + 1000 * (epoch + 1), rank)
         started, sums, k = time.perf_counter(), {}, 0
-        shard = ray.train.get_dataset_shard("train")
-        for k, group in enumerate(_micro_batches(cfg, shard, epoch, device)):
+        for k, group in enumerate(_micro_batches(cfg, loop_cfg["data_dir"], epoch, device)):
             if k >= per_epoch:
                 continue  # drain the shard so every worker finishes the epoch together
             _maybe_fault(loop_cfg.get("fault"), epoch, k, rank)
@@ -232,14 +243,14 @@ def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
                 tags: dict[str, str] | None = None, callbacks: list[Any] | None = None) -> ray.train.torch.TorchTrainer:
     """The `TorchTrainer` of one run: datasets from the shards, best-by-val-PSNR checkpoints, retries."""
     tracer, g = cfg.geometry.tracer, cfg.geometry
-    train_ds = loader.read_split(data_dir, "train", tracer, g)
-    loader.read_split(data_dir, "val", tracer, g)  # fails early if the val split is missing
+    loader.shard_paths(data_dir, "train", tracer, g)  # fail early: wrong geometry, or a split missing
+    loader.shard_paths(data_dir, "val", tracer, g)
     cfg, found = calibrated(cfg, data_dir)
-    storage = str(Path(cfg.run.storage).resolve())
-    loop_cfg = {"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "tracking_uri": tracking_uri,
+    loop_cfg = {"config": cfg.to_dict(), "data_dir": home.resolve(data_dir), "tracking_uri": tracking_uri,
                 "steps_per_epoch": steps_per_epoch(cfg, loader.count_rows(data_dir, "train", tracer)),
                 "pet_stats": (found["pet_mean_volume"], found["pet_std"]), "token_health": token_health(cfg, data_dir),
                 "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV)}
+    storage = home.resolve(cfg.run.storage)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
@@ -251,49 +262,62 @@ def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_psnr",
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
-        datasets={"train": train_ds},
-        dataset_config=loader.train_data_config(),  # preserve_order: the same split every run (exact resume)
-    )
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),  # our [train]/[val] lines only
+    )  # each worker reads its part of a per-epoch permutation itself (loader.epoch_dataset): exact resume
 
 
-def publish_best(cfg: Config, checkpoint: ray.train.Checkpoint, tracking_uri: str) -> tuple[Path, str | None, str]:
+def publish_best(cfg: Config, checkpoint: ray.train.Checkpoint, tracking_uri: str) -> tuple[str, str | None, str]:
     """Save the generator of `checkpoint` (the epoch chosen on val) as the run's model dir and MLflow model.
 
-    Returns (model dir, model URI, MLflow run id). The model dir sits beside the run's checkpoints in
-    `run.storage`; the config saved with it is the checkpoint's (calibrated token space included).
+    Returns (model dir, model URI, MLflow run id). The model dir (`generator.safetensors`, `config.yaml`,
+    `MODEL_URI`) is built locally and copied beside the run's checkpoints in `run.storage`, a path or URI
+    every node reads; its config is the checkpoint's (calibrated token space included).
     """
-    model_dir = Path(cfg.run.storage).resolve() / cfg.run.name / "model"
+    dest = home.join(home.resolve(cfg.run.storage), cfg.run.name, "model")
     with checkpoint.as_directory() as d:
         generator, ckpt_cfg = load_generator(Path(d))
         meta = json.loads((Path(d) / STATE).read_text())["meta"]
-    save_model_dir(model_dir, ckpt_cfg, generator)
-    tracker = MLflowTracker(tracking_uri, cfg.run.experiment, cfg.run.name, run_id=meta["mlflow_run_id"])
-    with tracker:
-        tracker.set_tags({"best_epoch": str(meta["epoch"]), "best_val_psnr": f"{meta['val_psnr']:.4f}"})
-        tracker.log_artifact(model_dir / "config.yaml")
-        uri = tracker.log_model(model_dir)
-    if uri:
-        write_text(model_dir / "MODEL_URI", uri + "\n")
-    return model_dir, uri, meta["mlflow_run_id"]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_model_dir(Path(tmp) / "model", ckpt_cfg, generator)
+        tracker = MLflowTracker(tracking_uri, cfg.run.experiment, cfg.run.name, run_id=meta["mlflow_run_id"])
+        with tracker:
+            tracker.set_tags({"best_epoch": str(meta["epoch"]), "best_val_psnr": f"{meta['val_psnr']:.4f}"})
+            tracker.log_artifact(model_dir / "config.yaml")
+            uri = tracker.log_model(model_dir)
+        if uri:
+            (model_dir / "MODEL_URI").write_text(uri + "\n")
+        home.upload_dir(model_dir, dest)
+    return dest, uri, meta["mlflow_run_id"]
 
 
 def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainResult:
-    """Train (or resume) one run, then publish its best-on-val epoch; returns metrics, checkpoints, model URI."""
-    result = trainer_for(cfg, data_dir, tracking_uri, **kwargs).fit()
+    """Train (or resume) one run, then publish its best-on-val epoch; returns metrics, checkpoints, model URI.
+
+    The run's MLflow run ends FINISHED, or FAILED (training failed for good) or KILLED (interrupted) here, on the
+    driver, even when the worker that logged it died.
+    """
+    try:
+        result = trainer_for(cfg, data_dir, tracking_uri, **kwargs).fit()
+    except KeyboardInterrupt:
+        end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "KILLED")
+        raise
+    except Exception:
+        end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "FAILED")
+        raise
     best = result.get_best_checkpoint(metric="val_psnr", mode="max")
     model_dir, uri, run_id = publish_best(cfg, best, tracking_uri) if best is not None else (None, None, None)
     return TrainResult(metrics=dict(result.metrics or {}), checkpoint=result.checkpoint.path if result.checkpoint else None,
                        best_checkpoint=best.path if best is not None else None, model_uri=uri, run_id=run_id,
-                       model_dir=str(model_dir) if model_dir is not None else None)
+                       model_dir=model_dir)
 
 
 def data_dir_for(cfg: Config, data: str | None) -> str:
     """`--data`, else a phantom cohort of the config's geometry built and cached on first use."""
     if data:
-        return str(Path(data).resolve())
+        return home.resolve(data)
     from ganbert.data.preprocess import ensure_phantom
-    return str(ensure_phantom(cfg, Path("runs/cache").resolve()))
+    return str(ensure_phantom(cfg, home.home() / "cache"))
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
