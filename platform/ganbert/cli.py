@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pet-space", choices=("t1", "adni-standard"), default="t1",
                    help="t1: PET in the T1's world; adni-standard: ADNI's 160x160x96 1.5 mm grid under a random "
                         "rigid motion (true pose in ground_truth.json)")
+    p.add_argument("--format", choices=("nifti", "dicom"), default="nifti",
+                   help="nifti, or dicom: one file per slice as ADNI ships them, PET frames with their timing")
 
     p = add("preprocess", _preprocess, "pair, preprocess and shard an ADNI-layout download on Ray Data")
     p.add_argument("--raw", required=True, help="download root holding the collection CSV(s) and ADNI/")

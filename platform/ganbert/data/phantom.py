@@ -506,8 +506,42 @@ def standard_affine(size: str) -> np.ndarray:
     return _grid_affine(shape, zooms, (-1, 1, 1), _BRAIN_CENTRE)
 
 
+FORMATS = ("nifti", "dicom")
+# Planted in every phantom DICOM header: a test checks that none of them reaches shards, outputs or logs.
+DICOM_IDENTITY = {"PatientName": "Planted^Secret^Name", "PatientID": "PLANTED-PID-7731",
+                  "PatientBirthDate": "19391231", "OtherPatientIDs": "PLANTED-OTHER-4410",
+                  "InstitutionName": "Planted Institution Text"}
+
+
+def _to_dicom(root: Path, scan: Scan) -> Scan:
+    """Rewrite one written scan (its NIfTI files) as a DICOM series in the same folder, one file per slice."""
+    paths = [root / f for f in scan.files]
+    folder = paths[0].parent
+    imgs = [nib.load(str(p)) for p in paths]
+    stored, slopes, inters = [], [], []
+    for img in imgs:
+        raw = np.asarray(img.dataobj.get_unscaled())
+        raw = raw[..., None] if raw.ndim == 3 else raw
+        for k in range(raw.shape[3]):
+            stored.append(raw[..., k])
+            slope, inter = img.dataobj.slope, img.dataobj.inter
+            slopes.append(1.0 if slope is None or not np.isfinite(slope) else float(slope))
+            inters.append(0.0 if inter is None or not np.isfinite(inter) else float(inter))
+    data = np.stack(stored, axis=3)
+    modality = "MR" if scan.modality == "MRI" else "PT"
+    frame_ms = [300_000.0 * k for k in range(data.shape[3])] if modality == "PT" else None
+    from ganbert.data import dicom
+
+    dicom.write_series(folder, paths[0].name.split(".")[0][:60], data if modality == "PT" else data[..., 0],
+                       imgs[0].affine, modality, slopes if modality == "PT" else slopes[0],
+                       inters if modality == "PT" else inters[0], frame_ms, DICOM_IDENTITY)
+    for p in paths:
+        p.unlink()
+    return dataclasses.replace(scan, files=(folder.relative_to(root).as_posix(),))
+
+
 def write_subject(root: Path, subj: Subject, tracers: Sequence[str], size: str, seed: int,
-                  pet_space: str = "t1") -> tuple[list[Scan], dict[str, Any]]:
+                  pet_space: str = "t1", fmt: str = "nifti") -> tuple[list[Scan], dict[str, Any]]:
     """Write every scan of one subject under root/ADNI and its region map under root/truth; return rows and truth.
 
     pet_space "t1": each PET shares the T1's world coordinates. "adni-standard": each PET is written on the
@@ -515,6 +549,8 @@ def write_subject(root: Path, subj: Subject, tracers: Sequence[str], size: str, 
     """
     if pet_space not in PET_SPACES:
         raise ValueError(f"pet_space must be one of {PET_SPACES}, got {pet_space!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     spec = SIZES[size]
     scans: list[Scan] = []
     base_rng = np.random.default_rng([seed, subj.index, 100])
@@ -601,17 +637,19 @@ def write_subject(root: Path, subj: Subject, tracers: Sequence[str], size: str, 
               "regions_file": f"truth/{subj.subject}_regions.nii.gz" if labels_written else None,
               "tracers": truth_rows,
               "scans": [s.image_id for s in scans]}
+    if fmt == "dicom":
+        scans = [_to_dicom(root, scan) for scan in scans]
     return scans, record
 
 
-def _subject_job(args: tuple[str, int, tuple[str, ...], str, int, str]) -> tuple[list[Scan], dict[str, Any]]:
+def _subject_job(args: tuple[str, int, tuple[str, ...], str, int, str, str]) -> tuple[list[Scan], dict[str, Any]]:
     """Process-pool entry: write subject `index` of cohort `seed` under `out`."""
-    out, index, tracers, size, seed, pet_space = args
-    return write_subject(Path(out), make_subject(index, seed), tracers, size, seed, pet_space)
+    out, index, tracers, size, seed, pet_space, fmt = args
+    return write_subject(Path(out), make_subject(index, seed), tracers, size, seed, pet_space, fmt)
 
 
 def write_cohort(out: Path, subjects: int, tracers: Sequence[str], size: str, seed: int,
-                 workers: int | None = None, pet_space: str = "t1") -> Path:
+                 workers: int | None = None, pet_space: str = "t1", fmt: str = "nifti") -> Path:
     """Write `subjects` phantom subjects (groups CN/MCI/AD in turn) as an ADNI download under `out`; return `out`.
 
     Layout: out/ADNI/<subject>/<description>/<YYYY-MM-DD_HH_MM_SS.0>/<image id>/*.nii(.gz), the collection
@@ -631,13 +669,15 @@ def write_cohort(out: Path, subjects: int, tracers: Sequence[str], size: str, se
         raise ValueError(f"seed must be >= 0, got {seed}")
     if pet_space not in PET_SPACES:
         raise ValueError(f"pet_space must be one of {PET_SPACES}, got {pet_space!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if workers is None:
         workers = 1 if size == "tiny" else min(subjects, os.cpu_count() or 1)
-    jobs = [(str(out), index, tuple(tracers), size, seed, pet_space) for index in range(subjects)]
+    jobs = [(str(out), index, tuple(tracers), size, seed, pet_space, fmt) for index in range(subjects)]
     if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -656,10 +696,10 @@ def write_cohort(out: Path, subjects: int, tracers: Sequence[str], size: str, se
             age = subj.age + (scan.date - subj.baseline).days / 365.25
             rows.append([scan.image_id, subj.subject, subj.group, subj.sex, f"{age:.0f}", scan.visit, scan.modality,
                          scan.description, "Original" if scan.modality == "MRI" else "Pre-processed",
-                         _acq_date(scan.date), "NiFTI", _acq_date(DOWNLOADED)])
+                         _acq_date(scan.date), "DCM" if fmt == "dicom" else "NiFTI", _acq_date(DOWNLOADED)])
     csv_path = out / f"PHANTOM_{size}_{seed}_{DOWNLOADED.month}_{DOWNLOADED.day:02d}_{DOWNLOADED.year}.csv"
     write_csv(csv_path, COLUMNS, rows, quoting=csv.QUOTE_ALL)
-    meta = {"generator": "ganbert.data.phantom", "size": size, "seed": seed, "subjects": subjects, "pet_space": pet_space,
+    meta = {"generator": "ganbert.data.phantom", "size": size, "seed": seed, "subjects": subjects, "pet_space": pet_space, "format": fmt,
             "tracers": tracers, "regions": {str(k): v for k, v in REGIONS.items()},
             "reference_regions": {t: list(REFERENCE[t]) for t in tracers},
             "units": "regional SUVR: mean of the noise-free, unblurred SUVR image in each region of the PET grid",
@@ -672,7 +712,7 @@ def main(args: argparse.Namespace) -> int:
     """CLI: `ganbert phantom --out DIR --subjects N --tracers AV45,AV1451,FDG --size tiny --seed S`."""
     tracers = [t.strip() for t in str(args.tracers).split(",") if t.strip()]
     out = write_cohort(Path(args.out), int(args.subjects), tracers, str(args.size), int(args.seed),
-                       pet_space=str(getattr(args, "pet_space", "t1")))
+                       pet_space=str(getattr(args, "pet_space", "t1")), fmt=str(getattr(args, "format", "nifti")))
     print(f"phantom cohort: {args.subjects} subjects, tracers {','.join(tracers)}, size {args.size}, "
           f"seed {args.seed} -> {out}")
     return 0

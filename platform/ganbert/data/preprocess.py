@@ -44,7 +44,7 @@ from scipy import ndimage
 from ganbert.atomic import write_text
 from ganbert.config import TRACERS, Config, GeometryConfig
 from ganbert.raysession import ensure_ray
-from ganbert.data import adni, brainmask, registration, shards
+from ganbert.data import adni, brainmask, dicom, registration, shards
 from ganbert.data.nifti import Volume, VolumeError, check_values, image_data, read_volume, stack_frames
 
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.1, 99.9
@@ -169,7 +169,7 @@ def mri_stats(mri_uint8: np.ndarray) -> tuple[float, float]:
 # --- one pair (runs in Ray Data tasks) ------------------------------------------------------------
 
 def _read_pet(paths: Sequence[Path]) -> Volume:
-    return stack_frames([read_volume(p) for p in paths])
+    return stack_frames([dicom.read_any(p) for p in paths])
 
 
 REGISTRATIONS = ("rigid", "none")
@@ -201,7 +201,7 @@ def process_pair(job: dict[str, Any], root: Path, geometry: GeometryConfig) -> d
     if mode not in REGISTRATIONS:
         raise ValueError(f"registration must be one of {REGISTRATIONS}, got {mode!r}")
     try:
-        vol = read_volume(root / mri_rel)
+        vol = dicom.read_any(root / mri_rel)
         if vol.data.ndim == 4:
             raise VolumeError(vol.path, f"T1 is 4D with {vol.frames} frames (expected one 3D volume)")
         mri, affine, lo, hi = conform_array(vol.data, vol.affine, geometry, mri_rel)
@@ -259,6 +259,10 @@ def _rel_to(root: Path, path: str, default: str) -> str:
 
 def _source(root: Path, rel: str) -> dict[str, Any]:
     path = root / rel
+    if path.is_dir():  # a DICOM series: sha256 over its files' names and hashes, in name order
+        files = dicom.dicom_files(path)
+        digest = hashlib.sha256("".join(f"{f.name}:{shards.sha256_file(f)}\n" for f in files).encode()).hexdigest()
+        return {"path": rel, "sha256": digest, "bytes": sum(f.stat().st_size for f in files), "files": len(files)}
     return {"path": rel, "sha256": shards.sha256_file(path), "bytes": path.stat().st_size}
 
 

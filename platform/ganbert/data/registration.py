@@ -58,6 +58,12 @@ def to_sitk(data: np.ndarray, affine: np.ndarray):  # type: ignore[no-untyped-de
     aff = np.asarray(affine, dtype=np.float64)
     if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
         raise ValueError("affine must be a finite 4x4 matrix")
+    data, aff = canonical(data, aff)
+    # The same image read from NIfTI or DICOM can differ by float rounding (1 ulp, sub-micrometre positions), and
+    # MI optimisation amplifies any difference: quantise both (1e-5 of the range, 1e-6 mm) so they register alike.
+    aff = np.round(aff, 6)
+    quantum = max(float(np.abs(data).max()), 1e-30) * 1e-5
+    data = np.rint(np.asarray(data, dtype=np.float64) / quantum) * quantum
     zooms = np.linalg.norm(aff[:3, :3], axis=0)
     direction = aff[:3, :3] / zooms
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
@@ -67,6 +73,20 @@ def to_sitk(data: np.ndarray, affine: np.ndarray):  # type: ignore[no-untyped-de
     img.SetOrigin([float(v) for v in aff[:3, 3]])
     img.SetDirection([float(v) for v in direction.reshape(-1)])
     return img
+
+
+def canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same image with its voxel axes reordered/flipped to the closest RAS order (same world, same voxels).
+
+    Registration then sees one array whatever order a file stored its voxels in (NIfTI LPS, DICOM slices).
+    """
+    from nibabel import orientations
+
+    ornt = orientations.io_orientation(affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return data, affine
+    out = orientations.apply_orientation(data, ornt)
+    return np.ascontiguousarray(out), affine @ orientations.inv_ornt_aff(ornt, data.shape[:3])
 
 
 def _shrink_factors(spacing: Sequence[float]) -> list[int]:
@@ -98,7 +118,7 @@ def _method(fixed, threads: int, seed: int, iterations: int, samples: int):  # t
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(sampling, seed)
+    reg.SetMetricSamplingPercentage(sampling, seed + 1)  # SimpleITK reads seed 0 as "seed from the wall clock"
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4, numberOfIterations=iterations,
                                                  relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
@@ -107,6 +127,7 @@ def _method(fixed, threads: int, seed: int, iterations: int, samples: int):  # t
     reg.SetSmoothingSigmasPerLevel(list(SMOOTH_MM))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetNumberOfThreads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)  # pyramid filters too: one thread is reproducible
     return reg
 
 
@@ -140,6 +161,7 @@ def rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, movin
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     t0 = time.perf_counter()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     fixed_img, moving_img = to_sitk(fixed, fixed_affine), to_sitk(moving, moving_affine)
     init = sitk.CenteredTransformInitializer(fixed_img, moving_img, sitk.Euler3DTransform(),
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
@@ -193,6 +215,7 @@ def affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, movi
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     t0 = time.perf_counter()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     fixed_img, moving_img = to_sitk(fixed, fixed_affine), to_sitk(moving, moving_affine)
     tx = sitk.CenteredTransformInitializer(fixed_img, moving_img, sitk.AffineTransform(3),
                                            sitk.CenteredTransformInitializerFilter.MOMENTS)
