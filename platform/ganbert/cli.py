@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
 
     p = add("bench", _bench, "print benchmark figures (and update BENCHMARKS.md)")
-    p.add_argument("what", choices=("step", "preprocess"))
+    p.add_argument("what", choices=("step", "preprocess", "registration"))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
     _config_args(p)
