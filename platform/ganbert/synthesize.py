@@ -32,6 +32,7 @@ from torch import nn
 
 from ganbert.atomic import write_csv
 from ganbert.config import Config
+from ganbert.data import dicom
 from ganbert.data.nifti import VolumeError, is_nifti_name, load_header
 from ganbert.data.preprocess import conform_mri, pet_affine
 from ganbert.metrics import mri_stats, normalise_mri, restore_pet
@@ -170,7 +171,7 @@ def synthesize_file(generator: nn.Module, cfg: Config, mri_path: Path | str, out
     mri_path, out_path = Path(mri_path), Path(out_path)
     if mri_path.resolve() == out_path.resolve():
         raise ValueError(f"output {out_path}: would overwrite the input")
-    img, _ = load_header(mri_path)
+    img = dicom.open_image(mri_path)
     pet = synthesize_volume(generator, cfg, img)
     save_atomic(pet, out_path)
     data = np.asarray(pet.dataobj)
@@ -322,7 +323,7 @@ def main(args: argparse.Namespace) -> int:
     """
     mri, out = Path(args.mri), Path(args.out)
     tracking_uri = getattr(args, "tracking_uri", None)
-    if mri.is_dir():
+    if mri.is_dir() and not dicom.is_series(mri):
         results = synthesize_folder(args.model, mri, out, tracking_uri)
         bad = [r for r in results if r.status != "ok"]
         for r in bad:
@@ -331,7 +332,7 @@ def main(args: argparse.Namespace) -> int:
               f"in {Path(out).resolve()} (see {Path(out).resolve() / REPORT})")
         return 1 if bad else 0
     target = output_for(mri, out)
-    load_header(mri)  # a bad input is reported before the model is loaded (or downloaded)
+    dicom.open_image(mri)  # a bad input (NIfTI or DICOM series) is reported before the model is loaded
     generator, cfg = load_model(args.model, tracking_uri)
     res = synthesize_file(generator, cfg, mri, target)
     print(f"synthesize: wrote {res.output} shape {res.shape} float32, values {res.vmin:.4g} .. {res.vmax:.4g} "

@@ -258,6 +258,32 @@ def dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and is_dicom_file(p))
 
 
+def is_series(path: Path | str) -> bool:
+    """True for a DICOM file, or a folder that holds DICOM files and no NIfTI file (one series, not a batch)."""
+    from ganbert.data.nifti import is_nifti_name
+
+    path = Path(path)
+    if path.is_file():
+        return is_dicom_file(path)
+    if not path.is_dir():
+        return False
+    names = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return not any(is_nifti_name(p.name) for p in names) and any(is_dicom_file(p) for p in names)
+
+
+def open_image(path: Path | str) -> Any:
+    """A T1 for synthesis: a NIfTI (header validated, voxels lazy) or a DICOM series/file as an in-memory NIfTI."""
+    import nibabel as nib
+
+    from ganbert.data.nifti import load_header
+
+    path = Path(path)
+    if is_series(path):
+        vol = read_any(path)
+        return nib.Nifti1Image(vol.data, vol.affine)
+    return load_header(path)[0]
+
+
 def read_any(path: Path | str) -> Volume:
     """A NIfTI file, a DICOM file (enhanced multi-frame) or a folder holding one DICOM series -> validated Volume."""
     path = Path(path)
