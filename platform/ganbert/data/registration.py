@@ -18,6 +18,7 @@ SMOOTH_MM = (4.0, 2.0, 1.0)  # Gaussian sigma per level, physical mm
 MAX_ROTATION_DEG = 30.0  # a rigid PET-to-T1 motion beyond this is not believable
 MIN_MI = 0.05  # Mattes MI (nats) after registration below this: the images do not match
 MIN_COVERAGE = 0.7  # the moved PET must cover at least this fraction of the T1's head
+MAX_SHIFT_MM = 300.0  # a PET whose header puts it further from its T1 than this is not the T1's subject/scan
 
 
 class RegistrationError(ValueError):
@@ -33,6 +34,7 @@ class Registration:
     coverage: float
     rotation_deg: float
     translation_mm: float
+    shift_mm: float  # how far the transform moves the centre of the T1's field of view
     iterations: int
     seconds: float
 
@@ -40,7 +42,7 @@ class Registration:
         """JSON-ready record for the manifest (matrix row-major, figures rounded)."""
         return {"fixed_to_moving": [round(float(v), 6) for v in self.matrix.reshape(-1)],
                 "mutual_information": round(self.mutual_information, 4), "coverage": round(self.coverage, 4),
-                "rotation_deg": round(self.rotation_deg, 3), "translation_mm": round(self.translation_mm, 3),
+                "rotation_deg": round(self.rotation_deg, 3), "translation_mm": round(self.translation_mm, 3), "shift_mm": round(self.shift_mm, 3),
                 "iterations": self.iterations, "seconds": round(self.seconds, 3)}
 
 
@@ -190,7 +192,13 @@ def _result(matrix: np.ndarray, mi: float, fixed: np.ndarray, fixed_affine: np.n
     return Registration(matrix=matrix, mutual_information=mi,
                         coverage=_coverage(fixed, fixed_affine, moving_shape, moving_affine, matrix),
                         rotation_deg=angle, translation_mm=float(np.linalg.norm(matrix[:3, 3])),
+                        shift_mm=_shift(matrix, fixed_affine, fixed.shape),
                         iterations=int(reg.GetOptimizerIteration()), seconds=time.perf_counter() - t0)
+
+
+def _shift(matrix: np.ndarray, affine: np.ndarray, shape: Sequence[int]) -> float:
+    centre = affine[:3, :3] @ ((np.asarray(shape[:3], dtype=np.float64) - 1) / 2) + affine[:3, 3]
+    return float(np.linalg.norm(matrix[:3, :3] @ centre + matrix[:3, 3] - centre))
 
 
 def check_quality(result: Registration) -> None:
@@ -201,6 +209,9 @@ def check_quality(result: Registration) -> None:
     if result.coverage < MIN_COVERAGE:
         raise RegistrationError(f"registration quality check failed: the registered PET covers {result.coverage:.0%} "
                                 f"of the T1's head (< {MIN_COVERAGE:.0%})")
+    if result.shift_mm > MAX_SHIFT_MM:
+        raise RegistrationError(f"registration quality check failed: the PET lies {result.shift_mm:.0f} mm from its "
+                                f"T1 (> {MAX_SHIFT_MM:g} mm): not in the T1's space or not the same subject")
     if result.rotation_deg > MAX_ROTATION_DEG:
         raise RegistrationError(f"registration quality check failed: rotation {result.rotation_deg:.1f} deg "
                                 f"> {MAX_ROTATION_DEG} deg")
