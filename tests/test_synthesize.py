@@ -182,7 +182,7 @@ def test_cli_rejects_bad_inputs_naming_the_file(model_dir: Path, tmp_path: Path,
     dicom = tmp_path / "scan.dcm"
     dicom.write_bytes(b"DICM")
     cases = [(four_d, r"T1 is 4D with 3 frames"), (text, r"not a readable NIfTI"),
-             (tmp_path / "missing.nii", r"missing file"), (dicom, r"not a NIfTI file name")]
+             (tmp_path / "missing.nii", r"missing file"), (dicom, r"not a readable DICOM file")]
     for path, reason in cases:
         out = tmp_path / f"{path.name}.pet.nii.gz"
         code = cli.main(["synthesize", "--model", str(model_dir), "--mri", str(path), "--out", str(out)])

@@ -167,7 +167,28 @@ def loader_figures(cfg: Config, data_dir: str, epochs: int = 2) -> dict[str, flo
     return out
 
 
+def phantom_t1(size: str) -> str:
+    """The phantom's raw T1 and standard PET grids of a size, in words."""
+    from ganbert.data import phantom
+    spec = phantom.SIZES[size]
+    shape, zooms = phantom.STANDARD_GRIDS[size]
+    return f"{spec.t1_shape} at {spec.t1_zooms} mm, PET {shape} at {zooms} mm"
+
+
 def main(args: argparse.Namespace, cfg: Config) -> int:
+    if args.what == "registration":
+        from ganbert.data.registration import bench as bench_registration
+        size = {"tiny": "tiny", "demo": "demo"}.get(cfg.preset, "paper")
+        figures = bench_registration(size)
+        lines = [f"Command: `ganbert bench registration --preset {cfg.preset}` on {_machine(torch.device('cpu'))}: "
+                 f"rigid PET-to-T1 registration (SimpleITK, Mattes MI, one thread) of phantom PET written with "
+                 f"`--pet-space adni-standard` at `{size}` size (T1 {phantom_t1(size)}; PET on the standard grid), "
+                 "displacement = mean distance over the brain between the found and the true pose.", ""]
+        lines += [f"- {k}: {v:g}" for k, v in figures.items()]
+        if args.write:
+            write_section(f"PET-to-T1 registration, {size} phantom", lines)
+        print("\n".join(lines))
+        return 0
     if args.what == "tokens":
         from ganbert.train.loop import data_dir_for
         data_dir = data_dir_for(cfg, args.data)

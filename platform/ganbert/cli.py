@@ -91,11 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracers", default="AV45,AV1451,FDG", help="comma-separated tracers")
     p.add_argument("--size", choices=("tiny", "demo", "paper"), default="tiny", help="raw volume sizes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pet-space", choices=("t1", "adni-standard"), default="t1",
+                   help="t1: PET in the T1's world; adni-standard: ADNI's 160x160x96 1.5 mm grid under a random "
+                        "rigid motion (true pose in ground_truth.json)")
+    p.add_argument("--format", choices=("nifti", "dicom"), default="nifti",
+                   help="nifti, or dicom: one file per slice as ADNI ships them, PET frames with their timing")
 
     p = add("preprocess", _preprocess, "pair, preprocess and shard an ADNI-layout download on Ray Data")
     p.add_argument("--raw", required=True, help="download root holding the collection CSV(s) and ADNI/")
     p.add_argument("--out", required=True, help="output folder for Parquet shards and manifest.json")
     p.add_argument("--window-days", type=int, default=365, help="max days between a PET and its T1")
+    p.add_argument("--registration", choices=("rigid", "none"), default="rigid",
+                   help="rigid: register each PET to its T1 (mutual information, SimpleITK); none: trust the headers")
     _config_args(p)
 
     p = add("train", _train, "train on Ray Train (resumes when rerun with the same run.name)")
@@ -149,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder mode: inputs per actor batch (default 4 on GPU actors, 1 on CPU)")
 
     p = add("bench", _bench, "print benchmark figures (and update BENCHMARKS.md)")
-    p.add_argument("what", choices=("step", "preprocess", "tokens", "loader"))
+    p.add_argument("what", choices=("step", "preprocess", "tokens", "loader", "registration"))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--data", default=None, help="tokens, loader: preprocessed shards (default: the cached phantom)")
     p.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")

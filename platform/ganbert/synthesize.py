@@ -34,7 +34,8 @@ from torch import nn
 
 from ganbert.atomic import write_csv
 from ganbert.config import Config
-from ganbert.data.nifti import VolumeError, is_nifti_name, load_header
+from ganbert.data import dicom
+from ganbert.data.nifti import VolumeError, is_nifti_name
 from ganbert.data.preprocess import conform_mri, pet_affine
 from ganbert.metrics import mri_stats, normalise_mri, restore_pet
 from ganbert.progress import Progress
@@ -177,7 +178,7 @@ def synthesize_file(generator: nn.Module, cfg: Config, mri_path: Path | str, out
         raise ValueError(f"output {out_path}: would overwrite the input")
     if out_path.exists() and not overwrite:
         raise ValueError(f"output {out_path}: exists; pass --overwrite to replace it")
-    img, _ = load_header(mri_path)
+    img = dicom.open_image(mri_path)
     pet = synthesize_volume(generator, cfg, img)
     save_atomic(pet, out_path)
     data = np.asarray(pet.dataobj)
@@ -374,7 +375,7 @@ def main(args: argparse.Namespace) -> int:
     """
     mri, out = Path(args.mri), Path(args.out)
     tracking_uri = getattr(args, "tracking_uri", None)
-    if mri.is_dir():
+    if mri.is_dir() and not dicom.is_series(mri):
         results = synthesize_folder(args.model, mri, out, tracking_uri, overwrite=getattr(args, "overwrite", False),
                                     batch_size=getattr(args, "batch_size", None))
         bad = [r for r in results if r.status != "ok"]
@@ -386,7 +387,7 @@ def main(args: argparse.Namespace) -> int:
     target = output_for(mri, out)
     if target.exists() and not getattr(args, "overwrite", False):
         raise ValueError(f"output {target}: exists; pass --overwrite to replace it")
-    load_header(mri)  # a bad input is reported before the model is loaded (or downloaded)
+    dicom.open_image(mri)  # a bad input (NIfTI or DICOM series) is reported before the model is loaded
     generator, cfg = load_model(args.model, tracking_uri)
     res = synthesize_file(generator, cfg, mri, target, overwrite=getattr(args, "overwrite", False))
     print(f"synthesize: wrote {res.output} shape {res.shape} float32, values {res.vmin:.4g} .. {res.vmax:.4g} "

@@ -19,7 +19,7 @@ import pytest
 from ganbert.config import TRACERS, Config, tiny
 from ganbert.data import phantom, preprocess
 
-SHARD_MB = 0.1  # tiny rows are ~49 kB: 2 rows per shard, so groups span several shards
+SHARD_MB = 0.12  # tiny rows are ~55 kB: 2 rows per shard, so groups span several shards
 
 
 @pytest.fixture(scope="session")

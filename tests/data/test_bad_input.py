@@ -54,7 +54,8 @@ def test_not_nifti(bad_corpus) -> None:
 
 
 def test_folder_without_nifti(bad_corpus) -> None:
-    _assert_rejected(bad_corpus, "pet_dicom_only", r"^tree: no NIfTI file \(\.nii/\.nii\.gz\) for the image: found ADNI_PT_1\.dcm")
+    # DICOM series are read now (data.dicom); this one is a bare preamble without pixel data
+    _assert_rejected(bad_corpus, "pet_dicom_only", r"^header: missing pixel data")
 
 
 def test_2d_image(bad_corpus) -> None:
@@ -98,7 +99,8 @@ def test_pet_with_too_few_frames(bad_corpus) -> None:
 
 
 def test_pet_outside_t1_space(bad_corpus) -> None:
-    _assert_rejected(bad_corpus, "pet_outside_t1_space", r"^data: PET does not overlap the PET grid")
+    # rigid registration (the default) recovers any plausible offset; 2 m is not plausible
+    _assert_rejected(bad_corpus, "pet_outside_t1_space", r"^data: registration quality check failed: the PET lies \d+ mm")
 
 
 def test_csv_row_missing_file(bad_corpus) -> None:

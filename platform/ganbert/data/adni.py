@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ganbert.atomic import write_csv
+from ganbert.data import dicom
 from ganbert.data.nifti import VolumeError, inside, is_nifti_name, load_header
 
 ADNI_COLUMNS = ("Image Data ID", "Subject", "Group", "Sex", "Age", "Visit", "Modality", "Description", "Type",
@@ -259,11 +260,15 @@ def _resolve_files(root: Path, row: _Row, tree: dict[str, list[Path]]) -> tuple[
         candidates = sorted(folder.iterdir(), key=lambda p: _natural(p.name))
     files = [p for p in candidates if p.is_file() and not p.name.startswith(".") and is_nifti_name(p.name)]
     where = _rel(root, folder) if folder is not None else given
+    if not files:  # a DICOM series: the folder (or the one enhanced multi-frame file named by Path) is the image
+        series = [p for p in candidates if p.is_file() and not p.name.startswith(".") and dicom.is_dicom_file(p)]
+        if series:
+            files = [folder] if folder is not None else series[:1]
     if not files:
         others = [p.name for p in candidates if not p.name.startswith(".")]
         if not others:
             return issue(where, "missing file: image folder is empty")
-        return issue(where, f"no NIfTI file (.nii/.nii.gz) for the image: found {', '.join(others[:3])}"
+        return issue(where, f"no NIfTI file (.nii/.nii.gz) or DICOM series for the image: found {', '.join(others[:3])}"
                             f"{' ...' if len(others) > 3 else ''}")
     for f in files:
         if not inside(root, f):
@@ -333,7 +338,10 @@ def ingest(root: Path, window_days: int = 365, min_frames: int = 1, check_header
         if check_headers:
             try:
                 for f in files:
-                    _, shape = load_header(f)
+                    if f.is_dir() or dicom.is_dicom_file(f):
+                        shape = dicom.series_frames(dicom.dicom_files(f) if f.is_dir() else [f])
+                    else:
+                        _, shape = load_header(f)
                     extra = shape[3] if len(shape) == 4 else 1
                     if kind == "T1" and extra > 1:
                         raise VolumeError(f, f"T1 is 4D with {extra} frames (expected one 3D volume)")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -171,6 +172,9 @@ def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         "mri_std": _tensor(batch["mri_std"], np.float32),
         "mri_affine": _tensor(batch["mri_affine"], np.float64).reshape(-1, 4, 4),
     }
+    for key in ("brain_mask", "labels"):  # uint8 (B, d, h, w) PET-grid maps
+        if key in batch:
+            out[key] = _tensor(batch[key], np.uint8)
     for key in STRING_KEYS:
         if key in batch:
             out[key] = [str(v) for v in batch[key]]
@@ -211,7 +215,8 @@ def read_rows(data_dir: Path | str, split: str, tracer: str | None = None,
         for group in range(pf.num_row_groups):
             table = pf.read_row_group(group)
             cols = {name: table.column(name).combine_chunks() for name in table.column_names}
-            arrays = {name: cols[name].to_numpy_ndarray() for name in ("mri", "pet", "mri_affine")}
+            arrays = {name: cols[name].to_numpy_ndarray() for name in cols
+                      if isinstance(cols[name].type, pa.FixedShapeTensorType)}
             plain = {name: cols[name].to_pylist() for name in cols if name not in arrays}
             for i in range(table.num_rows):
                 row: dict[str, Any] = {name: values[i] for name, values in plain.items()}

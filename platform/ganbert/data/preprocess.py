@@ -8,8 +8,15 @@ Geometry (what training, evaluation and synthesis all see):
 - PET: `geometry.pet_frames` frames of `geometry.pet_size` voxels of `geometry.pet_voxel_mm`, RAS, centred on
   the same world point as the conformed MRI. The F input frames are split into T contiguous groups
   (numpy.array_split order) and each group is averaged; values stay in the scanner's units (float32).
-- PET and T1 are assumed to share world coordinates (as ADNI's co-registered PET and the phantom do); no
-  PET-to-T1 registration is done here.
+- Registration (`registration="rigid"`, the default): the PET (its frames averaged) is registered to its raw T1
+  (rigid, 6 dof, Mattes mutual information, three resolutions, SimpleITK; data.registration) before it is
+  resampled, since ADNI's "Co-registered" and standard-grid PET are not in the T1's space. The transform and its
+  quality figures go into the manifest row; a pair failing the quality check is rejected with the reason.
+  `registration="none"` trusts the headers (PET and T1 share world coordinates).
+- Brain mask: the nilearn MNI152 template is registered (affine) to the T1 and its brain mask resampled onto
+  the PET grid (column `brain_mask`, uint8). Region labels (column `labels`, uint8, nearest neighbour) come from
+  `<raw>/truth/<subject>_regions.nii.gz` when the cohort carries ground truth (the phantom), else zeros;
+  column `has_labels` and the manifest row's `labels` say which.
 
 Output (see data.shards): `<split>-<tracer>-<nnnnn>.parquet` (zstd, at most `shard_mb` of tensors each; rows of a
 (split, tracer) ordered by a hash of the subject id), `manifest.json`, `pairs.csv`, `unpaired.csv`, `rejected.csv`.
@@ -39,12 +46,12 @@ from ganbert.atomic import write_text
 from ganbert.config import TRACERS, Config, GeometryConfig
 from ganbert.progress import Progress
 from ganbert.raysession import ensure_ray
-from ganbert.data import adni, shards, stats
+from ganbert.data import adni, brainmask, dicom, registration, shards, stats
 from ganbert.data.nifti import Volume, VolumeError, check_values, image_data, read_volume, stack_frames
 
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.1, 99.9
 SPLIT_ORDER = {name: i for i, name in enumerate(shards.SPLITS)}
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2
 SETTINGS = {"mri_rescale": f"input percentiles {LOW_PERCENTILE}..{HIGH_PERCENTILE} -> 0..255, clipped, uint8",
             "interpolation": "linear (scipy.ndimage.affine_transform order 1), Gaussian anti-aliasing when coarser",
             "pet_frames": "contiguous groups (numpy.array_split) averaged", "orientation": "RAS",
@@ -164,39 +171,79 @@ def mri_stats(mri_uint8: np.ndarray) -> tuple[float, float]:
 # --- one pair (runs in Ray Data tasks) ------------------------------------------------------------
 
 def _read_pet(paths: Sequence[Path]) -> Volume:
-    return stack_frames([read_volume(p) for p in paths])
+    return stack_frames([dicom.read_any(p) for p in paths])
+
+
+REGISTRATIONS = ("rigid", "none")
+
+
+def region_labels(root: Path, subject: str, grid_affine: np.ndarray, shape: Sequence[int]) -> np.ndarray | None:
+    """Ground-truth region labels of a subject (root/truth/<subject>_regions.nii.gz) on a grid, nearest; None if absent."""
+    path = Path(root) / "truth" / f"{subject}_regions.nii.gz"
+    if not path.is_file():
+        return None
+    vol = read_volume(path)
+    mapping = np.linalg.inv(vol.affine) @ np.asarray(grid_affine, dtype=np.float64)
+    return ndimage.affine_transform(np.rint(vol.data).astype(np.uint8), mapping[:3, :3], offset=mapping[:3, 3],
+                                    output_shape=tuple(shape), order=0, mode="constant", cval=0)
+
+
+def registered_pet_affine(t1: np.ndarray, t1_affine: np.ndarray, pet: np.ndarray,
+                          pet_affine_in: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Rigid PET-to-T1 registration: (the PET's affine into the T1's world, the manifest record); raises on failure."""
+    average = pet.mean(axis=3) if pet.ndim == 4 else pet
+    reg = registration.rigid(t1, t1_affine, average, pet_affine_in)
+    return np.linalg.inv(reg.matrix) @ np.asarray(pet_affine_in, dtype=np.float64), reg.record()
 
 
 def process_pair(job: dict[str, Any], root: Path, geometry: GeometryConfig) -> dict[str, Any]:
-    """Read, validate, conform and resample one pair -> arrays and stats, or {"error", "file", "which"}."""
+    """Read, validate, conform, register and resample one pair -> arrays and stats, or {"error", "file", "which"}."""
     mri_rel, pet_rels = job["mri_file"], list(job["pet_files"])
+    mode = job.get("registration", "rigid")
+    if mode not in REGISTRATIONS:
+        raise ValueError(f"registration must be one of {REGISTRATIONS}, got {mode!r}")
     try:
-        vol = read_volume(root / mri_rel)
+        vol = dicom.read_any(root / mri_rel)
         if vol.data.ndim == 4:
             raise VolumeError(vol.path, f"T1 is 4D with {vol.frames} frames (expected one 3D volume)")
         mri, affine, lo, hi = conform_array(vol.data, vol.affine, geometry, mri_rel)
-        del vol
+        grid = pet_affine(affine, geometry)
+        stat = (root / mri_rel).stat()
+        template_reg = brainmask.fit(vol.data, vol.affine, key=f"{root / mri_rel}:{stat.st_size}:{stat.st_mtime_ns}")
+        brain = brainmask.on_grid(template_reg.matrix, grid, geometry.pet_size)
     except VolumeError as err:
         return {"error": err.reason, "file": mri_rel, "which": "mri"}
     except (ValueError, MemoryError, OSError) as err:
         return {"error": _message(err, root), "file": mri_rel, "which": "mri"}
     try:
         pet_vol = _read_pet([root / p for p in pet_rels])
-        pet = resample_pet(pet_vol.data, pet_vol.affine, affine, geometry)
-        del pet_vol
+        pet_aff, reg_record = pet_vol.affine, None
+        if mode == "rigid":
+            pet_aff, reg_record = registered_pet_affine(vol.data, vol.affine, pet_vol.data, pet_vol.affine)
+        pet = resample_pet(pet_vol.data, pet_aff, affine, geometry)
+        del pet_vol, vol
     except VolumeError as err:
         return {"error": err.reason, "file": _rel_to(root, err.path, pet_rels[0]), "which": "pet"}
+    except registration.RegistrationError as err:
+        return {"error": str(err), "file": pet_rels[0], "which": "pet"}
     except (ValueError, MemoryError, OSError) as err:
         return {"error": _message(err, root), "file": pet_rels[0], "which": "pet"}
     if not np.any(pet):
         return {"error": "PET does not overlap the PET grid around the T1's centre (not in the T1's space?)",
                 "file": pet_rels[0], "which": "pet"}
+    try:
+        labels = region_labels(root, job["subject"], grid, geometry.pet_size)
+    except (VolumeError, ValueError, OSError) as err:
+        return {"error": f"ground-truth labels: {_message(err, root)}", "file": f"truth/{job['subject']}_regions.nii.gz",
+                "which": "pair"}
     mean, std = mri_stats(mri)
     sources = {"mri": [_source(root, mri_rel)], "pet": [_source(root, p) for p in pet_rels]}
     stats = {"mri_mean": mean, "mri_std": std, "mri_input_p0.1": lo, "mri_input_p99.9": hi,
              "pet_min": float(pet.min()), "pet_max": float(pet.max()), "pet_mean": float(pet.mean(dtype=np.float64))}
     return {"mri": mri[None], "pet": pet, "mri_affine": affine, "mri_mean": mean, "mri_std": std,
-            "stats": stats, "sources": sources}
+            "stats": stats, "sources": sources, "brain_mask": brain, "has_labels": labels is not None,
+            "labels": np.zeros(geometry.pet_size, np.uint8) if labels is None else labels,
+            "registration": reg_record, "template_registration": template_reg.record()}
 
 
 def _message(err: BaseException, root: Path) -> str:
@@ -214,6 +261,10 @@ def _rel_to(root: Path, path: str, default: str) -> str:
 
 def _source(root: Path, rel: str) -> dict[str, Any]:
     path = root / rel
+    if path.is_dir():  # a DICOM series: sha256 over its files' names and hashes, in name order
+        files = dicom.dicom_files(path)
+        digest = hashlib.sha256("".join(f"{f.name}:{shards.sha256_file(f)}\n" for f in files).encode()).hexdigest()
+        return {"path": rel, "sha256": digest, "bytes": sum(f.stat().st_size for f in files), "files": len(files)}
     return {"path": rel, "sha256": shards.sha256_file(path), "bytes": path.stat().st_size}
 
 
@@ -225,11 +276,15 @@ def _ray_process(item: dict[str, Any], root: str, geometry: dict[str, Any]) -> d
     except Exception as err:  # noqa: BLE001 - a corrupt item is reported and skipped, never kills the run
         result = {"error": _message(err, Path(root)), "file": job["pet_files"][0], "which": "pair"}
     if "error" in result:
-        return {"key": item["key"], "meta": json.dumps(result), "mri": b"", "pet": b""}
-    meta = {k: result[k] for k in ("mri_mean", "mri_std", "stats", "sources")}
+        return {"key": item["key"], "meta": json.dumps(result), "mri": b"", "pet": b"", "brain_mask": b"",
+                "labels": b""}
+    meta = {k: result[k] for k in ("mri_mean", "mri_std", "stats", "sources", "has_labels", "registration",
+                                   "template_registration")}
     meta["mri_affine"] = np.asarray(result["mri_affine"], dtype=np.float64).reshape(-1).tolist()
     return {"key": item["key"], "meta": json.dumps(meta), "mri": result["mri"].tobytes(),
-            "pet": np.ascontiguousarray(result["pet"], dtype=np.float32).tobytes()}
+            "pet": np.ascontiguousarray(result["pet"], dtype=np.float32).tobytes(),
+            "brain_mask": np.ascontiguousarray(result["brain_mask"], dtype=np.uint8).tobytes(),
+            "labels": np.ascontiguousarray(result["labels"], dtype=np.uint8).tobytes()}
 
 
 def _geometry(record: dict[str, Any]) -> GeometryConfig:
@@ -376,19 +431,23 @@ def pairs_in_shards(manifest: dict[str, Any], scans: list[adni.Scan]) -> list[ad
 
 
 def run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb: float = shards.DEFAULT_SHARD_MB,
-        val_fraction: float = 0.1, test_fraction: float = 0.1, num_cpus: int | None = None) -> dict[str, Any]:
+        val_fraction: float = 0.1, test_fraction: float = 0.1, num_cpus: int | None = None,
+        registration: str = "rigid") -> dict[str, Any]:
     """`_run` holding the output folder's lock (two runs into one folder would delete each other's files)."""
+    if registration not in REGISTRATIONS:
+        raise ValueError(f"registration must be one of {REGISTRATIONS}, got {registration!r}")
     raw, out = Path(raw).resolve(), Path(out).resolve()
     if raw == out:
         raise ValueError(f"out must differ from raw ({raw}): outputs would be read back as inputs")
     out.mkdir(parents=True, exist_ok=True)
     with out_lock(out):
         return _run(raw, out, cfg, window_days, shard_mb=shard_mb, val_fraction=val_fraction,
-                    test_fraction=test_fraction, num_cpus=num_cpus)
+                    test_fraction=test_fraction, num_cpus=num_cpus, registration=registration)
 
 
 def _run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb: float = shards.DEFAULT_SHARD_MB,
-         val_fraction: float = 0.1, test_fraction: float = 0.1, num_cpus: int | None = None) -> dict[str, Any]:
+         val_fraction: float = 0.1, test_fraction: float = 0.1, num_cpus: int | None = None,
+         registration: str = "rigid") -> dict[str, Any]:
     """Ingest an ADNI-layout download, preprocess every new pair on Ray Data and append Parquet shards.
 
     Writes out/{manifest.json, <split>-<tracer>-<n>.parquet, pairs.csv, unpaired.csv, rejected.csv}.
@@ -405,12 +464,17 @@ def _run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb:
         manifest = shards.read_manifest(out)
         shards.check_geometry(manifest, geometry, out)
     else:
-        manifest = shards.new_manifest(geometry, SETTINGS | {"window_days": window_days})
+        manifest = shards.new_manifest(geometry, SETTINGS | {"window_days": window_days, "registration": registration})
+    had = manifest["preprocess"].get("registration", "none")
+    if had != registration:
+        raise ValueError(f"registration: the shards in {out} were made with registration {had!r}, not "
+                         f"{registration!r}; use the same setting or another --out")
     splits = assign_splits(sorted({p.subject for p in ingest.pairs}), manifest["splits"], val_fraction, test_fraction)
     manifest["splits"] = splits
     shards.save_manifest(out, manifest)
     done = {row["pet_image_id"] for row in manifest["rows"]}
-    jobs = sorted((_job(p, splits[p.subject]) for p in ingest.pairs if p.pet.image_id not in done),
+    jobs = sorted((_job(p, splits[p.subject]) | {"registration": registration}
+                   for p in ingest.pairs if p.pet.image_id not in done),
                   # within a (split, tracer) group, rows follow a hash of the subject id: sites and groups are mixed
                   key=lambda j: (SPLIT_ORDER[j["split"]], j["tracer"], _subject_hash(j["subject"]),
                                  _natural(j["pet_image_id"])))
@@ -444,9 +508,13 @@ def _run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb:
                     "days_apart": job["days_apart"], "mri_mean": meta["mri_mean"], "mri_std": meta["mri_std"],
                     "mri": np.frombuffer(result["mri"], dtype=np.uint8).reshape(mri_shape),
                     "pet": np.frombuffer(result["pet"], dtype=np.float32).reshape(pet_shape),
-                    "mri_affine": np.asarray(meta["mri_affine"], dtype=np.float64).reshape(4, 4)}
+                    "mri_affine": np.asarray(meta["mri_affine"], dtype=np.float64).reshape(4, 4),
+                    "brain_mask": np.frombuffer(result["brain_mask"], dtype=np.uint8).reshape(geometry.pet_size),
+                    "labels": np.frombuffer(result["labels"], dtype=np.uint8).reshape(geometry.pet_size),
+                    "has_labels": bool(meta["has_labels"])}
                 record = {k: job[k] for k in (*shards.STRING_COLUMNS, "days_apart")} | {
-                    "sources": meta["sources"], "stats": meta["stats"],
+                    "sources": meta["sources"], "stats": meta["stats"], "labels": bool(meta["has_labels"]),
+                    "registration": meta["registration"], "template_registration": meta["template_registration"],
                     "shapes": {"mri": list(mri_shape), "pet": list(pet_shape)}}
                 writer.add(row, record)
             jobs = retry
@@ -468,7 +536,8 @@ def _run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb:
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     """CLI `ganbert preprocess --raw DIR --out DIR`: exit 1 when any input was rejected, else 0."""
-    summary = run(Path(args.raw), Path(args.out), cfg, int(getattr(args, "window_days", 365)))
+    summary = run(Path(args.raw), Path(args.out), cfg, int(getattr(args, "window_days", 365)),
+                  registration=str(getattr(args, "registration", "rigid")))
     print(f"preprocess: {summary['pairs']} pairs, {summary['written']} written, "
           f"{summary['skipped_existing']} already done, {summary['rejected']} rejected "
           f"(see {Path(summary['out']) / 'rejected.csv'}), {summary['unpaired']} unpaired, "

@@ -55,8 +55,9 @@ def pet_shape(geometry: GeometryConfig) -> tuple[int, int, int, int]:
 
 
 def row_bytes(geometry: GeometryConfig) -> int:
-    """Uncompressed tensor bytes of one row: uint8 MRI + float32 PET + float64 affine."""
-    return int(np.prod(mri_shape(geometry))) + 4 * int(np.prod(pet_shape(geometry))) + 16 * 8
+    """Uncompressed tensor bytes of one row: uint8 MRI + float32 PET + float64 affine + uint8 brain mask and labels."""
+    return (int(np.prod(mri_shape(geometry))) + 4 * int(np.prod(pet_shape(geometry))) + 16 * 8
+            + 2 * int(np.prod(grid_shape(geometry))))
 
 
 def schema(geometry: GeometryConfig) -> pa.Schema:
@@ -69,7 +70,15 @@ def schema(geometry: GeometryConfig) -> pa.Schema:
         pa.field("mri_mean", pa.float64(), nullable=False),
         pa.field("mri_std", pa.float64(), nullable=False),
         pa.field("mri_affine", pa.fixed_shape_tensor(pa.float64(), (4, 4)), nullable=False),
+        pa.field("brain_mask", pa.fixed_shape_tensor(pa.uint8(), grid_shape(geometry)), nullable=False),
+        pa.field("labels", pa.fixed_shape_tensor(pa.uint8(), grid_shape(geometry)), nullable=False),
+        pa.field("has_labels", pa.bool_(), nullable=False),
     ])
+
+
+def grid_shape(geometry: GeometryConfig) -> tuple[int, int, int]:
+    """Stored shape (d, h, w) of the per-voxel PET-grid maps brain_mask and labels."""
+    return tuple(int(v) for v in geometry.pet_size)  # type: ignore[return-value]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -158,7 +167,9 @@ class ShardWriter:
         for name in STRING_COLUMNS:
             cols[name] = pa.array([r[name] for r in rows], pa.string())
         cols["days_apart"] = pa.array([int(r["days_apart"]) for r in rows], pa.int32())
-        for name, dtype in (("mri", np.uint8), ("pet", np.float32), ("mri_affine", np.float64)):
+        cols["has_labels"] = pa.array([bool(r["has_labels"]) for r in rows], pa.bool_())
+        for name, dtype in (("mri", np.uint8), ("pet", np.float32), ("mri_affine", np.float64),
+                            ("brain_mask", np.uint8), ("labels", np.uint8)):
             stacked = np.ascontiguousarray(np.stack([np.asarray(r[name], dtype=dtype) for r in rows]))
             cols[name] = pa.ExtensionArray.from_storage(
                 self.schema.field(name).type,
@@ -177,7 +188,7 @@ class ShardWriter:
             self._writer = pq.ParquetWriter(
                 str(self._tmp), self.schema, compression="zstd", compression_level=ZSTD_LEVEL,
                 # uint8 MRI: dictionary + bit packing (~30% smaller than plain); float PET: byte-stream-split (~13%)
-                use_dictionary=[*STRING_COLUMNS, "mri.list.element"], write_statistics=[*STRING_COLUMNS, "days_apart"],
+                use_dictionary=[*STRING_COLUMNS, "mri.list.element", "brain_mask.list.element", "labels.list.element"], write_statistics=[*STRING_COLUMNS, "days_apart"],
                 use_byte_stream_split=["pet.list.element", "mri_affine.list.element"])
         self._writer.write_table(self._table(self._buffer), row_group_size=len(self._buffer))
         self._buffer = []
