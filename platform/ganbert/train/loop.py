@@ -121,7 +121,7 @@ def training_state(cfg: Config, device: torch.device, total_steps: int, checkpoi
     """
     nets = build_networks(cfg)
     if checkpoint_dir is None and cfg.model.init_output_mean:
-        nets.generator.init_output(torch.as_tensor(pet_stats[0]), pet_stats[1])
+        nets.generator.init_output(torch.tensor(np.asarray(pet_stats[0]), dtype=torch.float64), pet_stats[1])
     nets = place_networks(nets, cfg, device)
     opt = make_optimisers(nets, cfg, total_steps)
     meta: dict[str, Any] = {"epoch": -1, "step": 0, "mlflow_run_id": None}
