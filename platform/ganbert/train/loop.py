@@ -173,7 +173,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 continue  # drain the shard so every worker finishes the epoch together
             _maybe_fault(loop_cfg.get("fault"), epoch, k, rank)
             for key, value in gan_step(group, nets, opt, cfg).items():
-                sums[key] = sums.get(key, 0.0) + value
+                sums[key] = value if key == "lr" else sums.get(key, 0.0) + value  # lr: the latest
             step += 1
             if rank == 0 and cfg.run.log_every and step % cfg.run.log_every == 0:
                 print(f"[train] epoch {epoch} step {step} " + " ".join(f"{a}={b:.4f}" for a, b in
