@@ -149,14 +149,10 @@ def _coverage(fixed: np.ndarray, fixed_affine: np.ndarray, moving_shape: Sequenc
     return float(np.mean(np.all((vox >= -0.5) & (vox <= limit), axis=0)))
 
 
-def rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray, *,
-          threads: int = 1, seed: int = 0, iterations: int = 200, samples: int = 100_000,
-          check: bool = True) -> Registration:
-    """Rigid (6 dof) registration of `moving` (a PET) onto `fixed` (its T1) by Mattes MI, three resolutions.
-
-    Initialised by aligning the images' intensity centroids. Returns the fixed -> moving world transform;
-    with `check`, raises RegistrationError when the MI, the coverage of the head or the rotation is implausible.
-    """
+def _register(kind: str, transform, fixed: np.ndarray, fixed_affine: np.ndarray,  # type: ignore[no-untyped-def]
+              moving: np.ndarray, moving_affine: np.ndarray, threads: int, seed: int, iterations: int,
+              samples: int) -> Registration:
+    """Mattes-MI registration of `moving` onto `fixed` with `transform` (initialised on the intensity centroids)."""
     import time
 
     sitk = _sitk()
@@ -165,17 +161,28 @@ def rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, movin
     t0 = time.perf_counter()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     fixed_img, moving_img = to_sitk(fixed, fixed_affine), to_sitk(moving, moving_affine)
-    init = sitk.CenteredTransformInitializer(fixed_img, moving_img, sitk.Euler3DTransform(),
+    init = sitk.CenteredTransformInitializer(fixed_img, moving_img, transform,
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
     reg = _method(fixed_img, threads, seed, iterations, samples)
     reg.SetInitialTransform(init, inPlace=True)
     try:
         reg.Execute(fixed_img, moving_img)
     except RuntimeError as err:
-        raise RegistrationError(f"rigid registration failed ({' '.join(str(err).split())[:200]})") from None
-    matrix = _matrix(init)
-    mi = -float(reg.GetMetricValue())
-    result = _result(matrix, mi, fixed, fixed_affine, moving.shape, moving_affine, reg, t0)
+        raise RegistrationError(f"{kind} registration failed ({' '.join(str(err).split())[:200]})") from None
+    return _result(_matrix(init), -float(reg.GetMetricValue()), fixed, fixed_affine, moving.shape, moving_affine,
+                   reg, t0)
+
+
+def rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray, *,
+          threads: int = 1, seed: int = 0, iterations: int = 200, samples: int = 100_000,
+          check: bool = True) -> Registration:
+    """Rigid (6 dof) registration of `moving` (a PET) onto `fixed` (its T1) by Mattes MI, three resolutions.
+
+    Initialised by aligning the images' intensity centroids. Returns the fixed -> moving world transform;
+    with `check`, raises RegistrationError when the MI, the coverage of the head or the rotation is implausible.
+    """
+    result = _register("rigid", _sitk().Euler3DTransform(), fixed, fixed_affine, moving, moving_affine,
+                       threads, seed, iterations, samples)
     if check:
         check_quality(result)
     return result
@@ -220,24 +227,8 @@ def check_quality(result: Registration) -> None:
 def affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray, *,
            threads: int = 1, seed: int = 0, iterations: int = 100, samples: int = 30_000) -> Registration:
     """Affine (12 dof) registration by Mattes MI from aligned intensity centroids, e.g. a template onto a T1."""
-    import time
-
-    sitk = _sitk()
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    t0 = time.perf_counter()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    fixed_img, moving_img = to_sitk(fixed, fixed_affine), to_sitk(moving, moving_affine)
-    tx = sitk.CenteredTransformInitializer(fixed_img, moving_img, sitk.AffineTransform(3),
-                                           sitk.CenteredTransformInitializerFilter.MOMENTS)
-    reg = _method(fixed_img, threads, seed, iterations, samples)
-    reg.SetInitialTransform(tx, inPlace=True)
-    try:
-        reg.Execute(fixed_img, moving_img)
-    except RuntimeError as err:
-        raise RegistrationError(f"affine registration failed ({' '.join(str(err).split())[:200]})") from None
-    return _result(_matrix(tx), -float(reg.GetMetricValue()), fixed, fixed_affine, moving.shape, moving_affine,
-                   reg, t0)
+    return _register("affine", _sitk().AffineTransform(3), fixed, fixed_affine, moving, moving_affine,
+                     threads, seed, iterations, samples)
 
 
 def mean_displacement(estimate: np.ndarray, truth: np.ndarray, points: np.ndarray) -> float:
