@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace existing outputs (default: refuse; folder mode keeps them and resumes)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="folder mode: inputs per actor batch (default 4 on GPU actors, 1 on CPU)")
+    p.add_argument("--reference-pet", default=None,
+                   help="single file: a real PET of this T1 (NIfTI or DICOM) to score the output against, after "
+                        "registering it to the T1; writes <out stem>_reference.json")
+    p.add_argument("--reference-registration", choices=("rigid", "none"), default="rigid",
+                   help="how the reference PET is put in the T1's space (none: trust the headers)")
 
     p = add("bench", _bench, "print benchmark figures (and update BENCHMARKS.md)")
     p.add_argument("what", choices=("step", "preprocess", "tokens", "loader", "registration"))

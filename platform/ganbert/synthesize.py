@@ -32,6 +32,7 @@ import torch
 from nibabel.spatialimages import SpatialImage
 from torch import nn
 
+from ganbert import reference
 from ganbert.atomic import write_csv
 from ganbert.config import Config
 from ganbert.data import dicom
@@ -368,7 +369,8 @@ def synthesize_folder(model: str, mri_dir: Path | str, out_dir: Path | str, trac
 # --- CLI ------------------------------------------------------------------------------------------
 
 def main(args: argparse.Namespace) -> int:
-    """`ganbert synthesize --model URI --mri T1.nii.gz|DIR --out PET.nii.gz|DIR [--tracking-uri URI]`.
+    """`ganbert synthesize --model URI --mri T1.nii.gz|DIR --out PET.nii.gz|DIR [--tracking-uri URI]
+    [--reference-pet REAL_PET [--reference-registration rigid|none]]`.
 
     Single file: exit 0, or a ValueError naming the file and reason (the CLI exits 2). Folder: exit 1
     when any input was rejected (see <out>/synthesis.csv), else 0.
@@ -376,6 +378,8 @@ def main(args: argparse.Namespace) -> int:
     mri, out = Path(args.mri), Path(args.out)
     tracking_uri = getattr(args, "tracking_uri", None)
     if mri.is_dir() and not dicom.is_series(mri):
+        if getattr(args, "reference_pet", None):
+            raise ValueError("--reference-pet: single-file mode only (--mri must be one T1, not a folder)")
         results = synthesize_folder(args.model, mri, out, tracking_uri, overwrite=getattr(args, "overwrite", False),
                                     batch_size=getattr(args, "batch_size", None))
         bad = [r for r in results if r.status != "ok"]
@@ -385,11 +389,25 @@ def main(args: argparse.Namespace) -> int:
               f"in {Path(out).resolve()} (see {Path(out).resolve() / REPORT})")
         return 1 if bad else 0
     target = output_for(mri, out)
-    if target.exists() and not getattr(args, "overwrite", False):
-        raise ValueError(f"output {target}: exists; pass --overwrite to replace it")
+    overwrite, ref = getattr(args, "overwrite", False), getattr(args, "reference_pet", None)
+    for path in (target, reference.report_path(target)) if ref else (target,):
+        if path.exists() and not overwrite:
+            raise ValueError(f"output {path}: exists; pass --overwrite to replace it")
     dicom.open_image(mri)  # a bad input (NIfTI or DICOM series) is reported before the model is loaded
+    if ref:
+        dicom.read_any(ref)
     generator, cfg = load_model(args.model, tracking_uri)
-    res = synthesize_file(generator, cfg, mri, target, overwrite=getattr(args, "overwrite", False))
+    res = synthesize_file(generator, cfg, mri, target, overwrite=overwrite)
     print(f"synthesize: wrote {res.output} shape {res.shape} float32, values {res.vmin:.4g} .. {res.vmax:.4g} "
           f"({cfg.geometry.tracer}, PET units)")
+    if ref:
+        fake = np.asarray(nib.load(str(target)).dataobj, dtype=np.float32)
+        scored = reference.score(fake, ref, mri, cfg.geometry, cfg.geometry.tracer,
+                                 getattr(args, "reference_registration", "rigid"))
+        path = reference.write_report(reference.report_path(target), scored)
+        m, reg = scored["metrics"], scored["registration"]
+        print(f"reference: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, in-brain PSNR {m['psnr_brain']:.2f}, "
+              f"W1 {m['wasserstein']:.2f} (registration {reg['mode']}"
+              + (f", MI {reg['mutual_information']:.3f}, rotation {reg['rotation_deg']:.1f} deg" if reg["mode"] == "rigid"
+                 else "") + f") -> {path}")
     return 0
