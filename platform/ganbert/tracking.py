@@ -374,8 +374,10 @@ def find_run(tracking_uri: str, experiment: str, run_name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def end_open_run(tracking_uri: str, experiment: str, run_name: str, status: str) -> str | None:
-    """End the latest run named `run_name` with `status` if it is still RUNNING (its process died or was stopped).
+def end_open_run(tracking_uri: str, experiment: str, run_name: str, status: str,
+                 replace: tuple[str, ...] = ()) -> str | None:
+    """End the latest run named `run_name` with `status` if it is still RUNNING (its process died or was stopped)
+    or its status is in `replace` (a worker that Ray shut down gracefully leaves its run FINISHED at exit).
 
     Called by the driver, which outlives the workers that log the run: a run never stays RUNNING. Returns its id.
     """
@@ -387,7 +389,7 @@ def end_open_run(tracking_uri: str, experiment: str, run_name: str, status: str)
     if run_id is None:
         return None
     client = MlflowClient(tracking_uri)
-    if client.get_run(run_id).info.status == "RUNNING":
+    if client.get_run(run_id).info.status in ("RUNNING", *replace):
         client.set_terminated(run_id, status)
     return run_id
 

@@ -43,14 +43,20 @@ class RunEnds(tune.Callback):
     """Ends a trial's MLflow child run on the sweep driver: FAILED when the trial errored for good, KILLED when
     a scheduler (ASHA) stopped it or the sweep was interrupted; a finished trial's run is already FINISHED."""
 
-    def __init__(self, tracking_uri: str, experiment: str, sweep: str) -> None:
-        self.tracking_uri, self.experiment, self.sweep = tracking_uri, experiment, sweep
+    def __init__(self, tracking_uri: str, experiment: str, sweep: str, base: Config) -> None:
+        self.tracking_uri, self.experiment, self.sweep, self.base = tracking_uri, experiment, sweep, base
 
-    def _end(self, trial: Any, status: str) -> None:
-        end_open_run(self.tracking_uri, self.experiment, f"{self.sweep}-{trial.trial_id}", status)
+    def _end(self, trial: Any, status: str, replace: tuple[str, ...] = ()) -> None:
+        end_open_run(self.tracking_uri, self.experiment, f"{self.sweep}-{trial.trial_id}", status, replace)
+
+    def stopped_early(self, trial: Any) -> bool:
+        """Whether the trial's last report is before its last epoch (a scheduler stopped it)."""
+        epochs = config_mod.apply(self.base, trial_overrides(trial.config or {})).optim.epochs
+        return int((trial.last_result or {}).get("epoch", -1)) < epochs - 1
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._end(trial, "KILLED")  # only a run its workers left open: a trial stopped before its last epoch
+        # A stopped trial's workers are shut down gracefully, and MLflow's exit hook marks their run FINISHED.
+        self._end(trial, "KILLED", ("FINISHED",) if self.stopped_early(trial) else ())
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._end(trial, "FAILED")
@@ -79,7 +85,7 @@ def run_sweep(space_path: str | Path, cfg: Config, data_dir: str, tracking_uri: 
                              tracking_uri=tracking_uri, parent_run_id=parent.run_id),
         {"CPU": 0.01})  # the driver only waits: the CPUs go to the Train workers
     path = home.join(storage, name)
-    ends = RunEnds(tracking_uri, cfg.run.experiment, name)
+    ends = RunEnds(tracking_uri, cfg.run.experiment, name, cfg)
     if tune.Tuner.can_restore(path):
         print(f"[tune] resuming sweep {name} from {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
