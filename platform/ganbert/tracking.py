@@ -18,9 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import yaml
 
-GENERATOR_FILE = "generator.safetensors"
-CONFIG_FILE = "config.yaml"
-MODEL_ARTIFACT = "model_dir"
+from ganbert.model_files import CONFIG_FILE, GENERATOR_FILE, MODEL_ARTIFACT
+
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow 3's UI opens an experiment in its GenAI overview unless this experiment tag says model training.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"

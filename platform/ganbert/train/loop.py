@@ -26,11 +26,12 @@ import torch
 from ganbert import home, metrics
 from ganbert.config import Config, from_dict
 from ganbert.data import loader, stats
+from ganbert.model_files import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
 from ganbert.models import Networks, build_networks
 from ganbert.raysession import ensure_ray
 from ganbert.sequence import Vocabulary
 from ganbert.tracking import MLflowTracker, Tracker, default_tracking_uri, end_open_run, histogram_png, make_tracker, montage_png
-from ganbert.train.checkpoint import STATE, load_generator, load_state, save_model_dir, save_state
+from ganbert.train.checkpoint import load_generator, load_state, save_model_dir, save_state
 from ganbert.train.device import place_networks
 from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch, unwrap
 
@@ -277,16 +278,16 @@ def publish_best(cfg: Config, checkpoint: ray.train.Checkpoint, tracking_uri: st
     dest = home.join(home.resolve(cfg.run.storage), cfg.run.name, "model")
     with checkpoint.as_directory() as d:
         generator, ckpt_cfg = load_generator(Path(d))
-        meta = json.loads((Path(d) / STATE).read_text())["meta"]
+        meta = json.loads((Path(d) / STATE_FILE).read_text())["meta"]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model_dir(Path(tmp) / "model", ckpt_cfg, generator)
         tracker = MLflowTracker(tracking_uri, cfg.run.experiment, cfg.run.name, run_id=meta["mlflow_run_id"])
         with tracker:
             tracker.set_tags({"best_epoch": str(meta["epoch"]), "best_val_psnr": f"{meta['val_psnr']:.4f}"})
-            tracker.log_artifact(model_dir / "config.yaml")
+            tracker.log_artifact(model_dir / CONFIG_FILE)
             uri = tracker.log_model(model_dir)
         if uri:
-            (model_dir / "MODEL_URI").write_text(uri + "\n")
+            (model_dir / MODEL_URI_FILE).write_text(uri + "\n")
         home.upload_dir(model_dir, dest)
     return dest, uri, meta["mlflow_run_id"]
 
