@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from safetensors.torch import save_file
 
 from ganbert import config as config_mod
-from ganbert import tracking
+from ganbert import figures, tracking
 from ganbert.tracking import MLflowTracker, NullTracker, Tracker
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -249,8 +249,8 @@ def test_figures_are_pngs(tmp_path: Path) -> None:
     mri = rng.uniform(0, 255, (32, 28, 24)).astype(np.float32)
     real = rng.gamma(2.0, 1.0, (2, 14, 12, 10)).astype(np.float32)
     fake = real + rng.normal(0, 0.1, real.shape).astype(np.float32)
-    paths = [tracking.montage_png(mri, real, fake, tmp_path / "fig" / "montage.png"),
-             tracking.histogram_png(real, fake, tmp_path / "fig" / "hist.png")]
+    paths = [figures.montage_png(mri, real, fake, tmp_path / "fig" / "montage.png"),
+             figures.histogram_png(real, fake, tmp_path / "fig" / "hist.png")]
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
@@ -259,9 +259,9 @@ def test_figures_are_pngs(tmp_path: Path) -> None:
         assert float(image[..., :3].std()) > 0.01  # something is drawn
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["hist.png", "montage.png"]  # no temp files
     with pytest.raises(ValueError, match="mri"):
-        tracking.montage_png(mri[0], real, fake, tmp_path / "bad.png")
+        figures.montage_png(mri[0], real, fake, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="fake"):
-        tracking.montage_png(mri, real, fake[:1], tmp_path / "bad.png")
+        figures.montage_png(mri, real, fake[:1], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="finite"):
-        tracking.histogram_png(np.full(4, np.nan), fake, tmp_path / "bad.png")
+        figures.histogram_png(np.full(4, np.nan), fake, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()

@@ -183,7 +183,7 @@ def render_png(rows: list[dict[str, Any]], path: Path) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from ganbert.tracking import save_png
+    from ganbert.figures import save_png
 
     methods = _order([r["method"] for r in rows] + list(METHODS), METHODS)
     tracers = _order([r["tracer"] for r in rows] + list(TRACERS), TRACERS)

@@ -167,7 +167,7 @@ def render_png(study: Study, results: list[dict[str, Any]], path: Path) -> Path:
     """Two panels, rows grouped by tracer with sd error bars: test PSNR (paper range) and test SSIM rel."""
     from matplotlib.figure import Figure
 
-    from ganbert.tracking import save_png
+    from ganbert.figures import save_png
 
     agg = aggregate(results)
     tracers = list(study.tracers)

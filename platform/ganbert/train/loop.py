@@ -26,11 +26,12 @@ import torch
 from ganbert import home, metrics
 from ganbert.config import Config, from_dict
 from ganbert.data import loader, stats
+from ganbert.figures import histogram_png, montage_png
 from ganbert.model_files import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
 from ganbert.models import Networks, build_networks
 from ganbert.raysession import ensure_ray
 from ganbert.sequence import Vocabulary
-from ganbert.tracking import MLflowTracker, Tracker, default_tracking_uri, end_open_run, histogram_png, make_tracker, montage_png
+from ganbert.tracking import MLflowTracker, Tracker, default_tracking_uri, end_open_run, make_tracker
 from ganbert.train.checkpoint import load_generator, load_state, save_model_dir, save_state
 from ganbert.train.device import place_networks
 from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch, unwrap
