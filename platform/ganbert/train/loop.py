@@ -31,7 +31,7 @@ from ganbert.model_files import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
 from ganbert.models import Networks, build_networks
 from ganbert.raysession import ensure_ray
 from ganbert.sequence import Vocabulary
-from ganbert.tracking import MLflowTracker, Tracker, default_tracking_uri, end_open_run, make_tracker
+from ganbert.tracking import MLflowTracker, Tracker, end_open_run, make_tracker
 from ganbert.train.checkpoint import load_generator, load_state, save_model_dir, save_state
 from ganbert.train.device import place_networks
 from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch, unwrap
@@ -325,7 +325,7 @@ def data_dir_for(cfg: Config, data: str | None) -> str:
 def main(args: argparse.Namespace, cfg: Config) -> int:
     ensure_ray(dashboard=True)
     data_dir = data_dir_for(cfg, args.data)
-    tracking_uri = args.tracking_uri or default_tracking_uri()
+    tracking_uri = args.tracking_uri or home.default_tracking_uri()
     print(f"[train] run {cfg.run.name} ({cfg.model.method}, {cfg.geometry.tracer}, preset {cfg.preset}) on "
           f"{cfg.run.workers} worker(s); data {data_dir}; tracking {tracking_uri}", flush=True)
     out = fit(cfg, data_dir, tracking_uri)
