@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from ganbert import config
+from ganbert.model_files import GENERATOR_FILE
 from ganbert.models import build_networks
-from ganbert.train.checkpoint import GENERATOR, load_generator, save_model_dir, save_state
+from ganbert.train.checkpoint import load_generator, save_model_dir, save_state
 from ganbert.train.loop import training_state
 from ganbert.train.step import Batch, gan_step, make_optimisers
 
@@ -22,7 +23,7 @@ def test_compiled_and_wrapped_generators_save_plain_keys(tmp_path: Path) -> None
     wrapped = torch.nn.DataParallel(torch.compile(plain))   # like DDP(compile(generator)) in the loop
     assert any(k.startswith("module._orig_mod.") for k in wrapped.state_dict())
     save_model_dir(tmp_path / "model", cfg, wrapped)
-    assert set(load_file(str(tmp_path / "model" / GENERATOR))) == set(plain.state_dict())
+    assert set(load_file(str(tmp_path / "model" / GENERATOR_FILE))) == set(plain.state_dict())
     loaded, _ = load_generator(tmp_path / "model")
     for k, v in plain.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k

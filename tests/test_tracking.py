@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 from safetensors.torch import save_file
 
 from ganbert import config as config_mod
-from ganbert import tracking
+from ganbert import figures, mlflow_model, tracking
+from ganbert.home import default_tracking_uri
 from ganbert.tracking import MLflowTracker, NullTracker, Tracker
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -53,10 +54,10 @@ def _assert_same_files(a: Path, b: Path) -> None:
 
 def test_default_tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
-    assert tracking.default_tracking_uri(tmp_path / "unused") == "http://example.invalid:5000"
+    assert default_tracking_uri(tmp_path / "unused") == "http://example.invalid:5000"
     assert not (tmp_path / "unused").exists()
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    uri = tracking.default_tracking_uri(tmp_path / "runs")
+    uri = default_tracking_uri(tmp_path / "runs")
     assert uri == f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}"
     assert (tmp_path / "runs").is_dir()
 
@@ -174,7 +175,7 @@ def test_sqlite_store_and_model_round_trip(tmp_path: Path, monkeypatch: pytest.M
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = tracking.default_tracking_uri(tmp_path / "runs")
+    uri = default_tracking_uri(tmp_path / "runs")
     model_dir = _small_model_dir(tmp_path)
     tr = MLflowTracker(uri, "sqlite-exp", "run-s")
     tr.log_params({"model.method": "ganbert"})
@@ -191,18 +192,18 @@ def test_sqlite_store_and_model_round_trip(tmp_path: Path, monkeypatch: pytest.M
     assert list(cwd.iterdir()) == []
     assert (tmp_path / "runs" / "mlartifacts" / "sqlite-exp").is_dir()
     for source in (model_uri, f"runs:/{tr.run_id}/model"):
-        fetched = tracking.resolve_model_dir(source, uri, dst=tmp_path / "dl" / source.split(":")[0])
+        fetched = mlflow_model.resolve_model_dir(source, uri, dst=tmp_path / "dl" / source.split(":")[0])
         _assert_same_files(model_dir, fetched)
         # the downloaded MLflow model folder resolves locally too
-        assert tracking.resolve_model_dir(str(fetched.parent.parent)) == fetched
-    assert tracking.resolve_model_dir(str(model_dir)) == model_dir
+        assert mlflow_model.resolve_model_dir(str(fetched.parent.parent)) == fetched
+    assert mlflow_model.resolve_model_dir(str(model_dir)) == model_dir
     with pytest.raises(ValueError, match="model_dir"):
         tr2 = MLflowTracker(uri, "sqlite-exp", "run-bad")
         tr2.log_model(tmp_path / "runs")
     with pytest.raises(ValueError, match="not a folder"):
-        tracking.resolve_model_dir(str(tmp_path / "nowhere"))
+        mlflow_model.resolve_model_dir(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="cannot download"):
-        tracking.resolve_model_dir("models:/m-00000000000000000000000000000000", uri, dst=tmp_path / "x")
+        mlflow_model.resolve_model_dir("models:/m-00000000000000000000000000000000", uri, dst=tmp_path / "x")
 
 
 def test_model_on_server_downloads_identical(mlflow_server: str, tmp_path: Path) -> None:
@@ -210,7 +211,7 @@ def test_model_on_server_downloads_identical(mlflow_server: str, tmp_path: Path)
     with MLflowTracker(mlflow_server, "server-model", "run-m") as tr:
         model_uri = tr.log_model(model_dir)
     assert model_uri is not None
-    _assert_same_files(model_dir, tracking.resolve_model_dir(model_uri, mlflow_server, dst=tmp_path / "dl"))
+    _assert_same_files(model_dir, mlflow_model.resolve_model_dir(model_uri, mlflow_server, dst=tmp_path / "dl"))
 
 
 def test_pyfunc_predict_matches_generator(tmp_path: Path) -> None:
@@ -229,7 +230,7 @@ def test_pyfunc_predict_matches_generator(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with MLflowTracker(uri, "pyfunc-exp", "run-p") as tr:
         model_uri = tr.log_model(model_dir)
-    local = tracking.resolve_model_dir(str(model_uri), uri, dst=tmp_path / "dl").parent.parent
+    local = mlflow_model.resolve_model_dir(str(model_uri), uri, dst=tmp_path / "dl").parent.parent
     assert not any(p.suffix == ".pkl" for p in local.rglob("*"))  # models-from-code, no pickle
     loaded = mlflow.pyfunc.load_model(str(local))
     mri = np.random.default_rng(0).integers(0, 256, (2, 1, *cfg.geometry.mri_size)).astype(np.float32)
@@ -249,8 +250,8 @@ def test_figures_are_pngs(tmp_path: Path) -> None:
     mri = rng.uniform(0, 255, (32, 28, 24)).astype(np.float32)
     real = rng.gamma(2.0, 1.0, (2, 14, 12, 10)).astype(np.float32)
     fake = real + rng.normal(0, 0.1, real.shape).astype(np.float32)
-    paths = [tracking.montage_png(mri, real, fake, tmp_path / "fig" / "montage.png"),
-             tracking.histogram_png(real, fake, tmp_path / "fig" / "hist.png")]
+    paths = [figures.montage_png(mri, real, fake, tmp_path / "fig" / "montage.png"),
+             figures.histogram_png(real, fake, tmp_path / "fig" / "hist.png")]
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
@@ -259,9 +260,9 @@ def test_figures_are_pngs(tmp_path: Path) -> None:
         assert float(image[..., :3].std()) > 0.01  # something is drawn
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["hist.png", "montage.png"]  # no temp files
     with pytest.raises(ValueError, match="mri"):
-        tracking.montage_png(mri[0], real, fake, tmp_path / "bad.png")
+        figures.montage_png(mri[0], real, fake, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="fake"):
-        tracking.montage_png(mri, real, fake[:1], tmp_path / "bad.png")
+        figures.montage_png(mri, real, fake[:1], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="finite"):
-        tracking.histogram_png(np.full(4, np.nan), fake, tmp_path / "bad.png")
+        figures.histogram_png(np.full(4, np.nan), fake, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()

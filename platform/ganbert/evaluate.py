@@ -242,7 +242,7 @@ def evaluate_split(predict: Predictor, data_dir: str, split: str, tracer: str,
     for i, (values, row, fake) in enumerate(iter_subjects(predict, data_dir, split, tracer, geometry)):
         subjects.append(values)
         if figures is not None and i == 0:
-            from ganbert.tracking import histogram_png, montage_png
+            from ganbert.figures import histogram_png, montage_png
 
             real = np.asarray(row["pet"], np.float32)
             montage_png(np.asarray(row["mri"])[0], real, fake.numpy(), figures / "montage.png")

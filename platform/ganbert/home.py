@@ -87,3 +87,13 @@ def exists(path: str) -> bool:
 
     fs, inner = filesystem(path)
     return fs.get_file_info(inner).type != pafs.FileType.NotFound  # type: ignore[attr-defined]
+
+
+def default_tracking_uri(root: str | Path | None = None) -> str:
+    """`$MLFLOW_TRACKING_URI` if set, else `sqlite:///<root or the project home>/mlflow.db` (folder created)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    folder = Path(root).expanduser().resolve() if root is not None else home()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"

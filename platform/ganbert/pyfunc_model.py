@@ -9,9 +9,7 @@ import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 
-MODEL_ARTIFACT = "model_dir"
-GENERATOR_FILE = "generator.safetensors"
-CONFIG_FILE = "config.yaml"
+from ganbert.model_files import CONFIG_FILE, GENERATOR_FILE, MODEL_ARTIFACT
 
 
 class GanbertGenerator(mlflow.pyfunc.PythonModel):

@@ -183,7 +183,7 @@ def render_png(rows: list[dict[str, Any]], path: Path) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from ganbert.tracking import save_png
+    from ganbert.figures import save_png
 
     methods = _order([r["method"] for r in rows] + list(METHODS), METHODS)
     tracers = _order([r["tracer"] for r in rows] + list(TRACERS), TRACERS)
@@ -240,7 +240,8 @@ def collect_runs(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
 
 def main(args: argparse.Namespace) -> int:
     """Write <out>/report.md and <out>/report.png and log both to a new run named `report`."""
-    from ganbert.tracking import MLflowTracker, default_tracking_uri
+    from ganbert.home import default_tracking_uri
+    from ganbert.tracking import MLflowTracker
 
     uri = args.tracking_uri or default_tracking_uri()
     runs = collect_runs(uri, args.experiment)

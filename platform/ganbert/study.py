@@ -167,7 +167,7 @@ def render_png(study: Study, results: list[dict[str, Any]], path: Path) -> Path:
     """Two panels, rows grouped by tracer with sd error bars: test PSNR (paper range) and test SSIM rel."""
     from matplotlib.figure import Figure
 
-    from ganbert.tracking import save_png
+    from ganbert.figures import save_png
 
     agg = aggregate(results)
     tracers = list(study.tracers)
@@ -308,8 +308,9 @@ def link_best_models(tracking_uri: str, parent_run_id: str, results: list[dict[s
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
+    from ganbert.home import default_tracking_uri
     from ganbert.raysession import ensure_ray
-    from ganbert.tracking import MLflowTracker, default_tracking_uri, find_run, set_runs_view
+    from ganbert.tracking import MLflowTracker, find_run, set_runs_view
     from ganbert.train.loop import data_dir_for
 
     study = load_study(args.space, cfg)

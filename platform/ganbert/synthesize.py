@@ -39,8 +39,8 @@ from ganbert.data import dicom
 from ganbert.data.nifti import VolumeError, is_nifti_name
 from ganbert.data.preprocess import conform_mri, pet_affine
 from ganbert.metrics import mri_stats, normalise_mri, restore_pet
+from ganbert.mlflow_model import resolve_model_dir
 from ganbert.progress import Progress
-from ganbert.tracking import resolve_model_dir
 from ganbert.train.checkpoint import load_generator
 
 OUTPUT_SUFFIX = "_pet.nii.gz"

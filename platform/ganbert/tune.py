@@ -18,7 +18,7 @@ from ganbert import config as config_mod
 from ganbert.config import Config
 from ganbert import home
 from ganbert.search_space import BUNDLE_KEY, load_space, trial_overrides
-from ganbert.tracking import MLflowTracker, default_tracking_uri, end_open_run, find_run, link_model, set_runs_view
+from ganbert.tracking import MLflowTracker, end_open_run, find_run, link_model, set_runs_view
 from ganbert.raysession import ensure_ray
 from ganbert.train.loop import data_dir_for, fit
 
@@ -136,7 +136,7 @@ def swept_keys(specs: dict[str, Any]) -> list[str]:
 def main(args: argparse.Namespace, cfg: Config) -> int:
     ensure_ray(dashboard=True)
     data_dir = data_dir_for(cfg, args.data)
-    tracking_uri = args.tracking_uri or default_tracking_uri()
+    tracking_uri = args.tracking_uri or home.default_tracking_uri()
     cfg = config_mod.apply(cfg, {"run.storage": home.resolve(cfg.run.storage)})  # trials run elsewhere
     results = run_sweep(args.space, cfg, data_dir, tracking_uri, args.max_concurrent, args.asha)
     metric = load_space(args.space, cfg).metric

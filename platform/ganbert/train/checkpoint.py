@@ -15,11 +15,9 @@ from torch import nn
 
 from ganbert import config as config_mod
 from ganbert.config import Config
+from ganbert.model_files import CONFIG_FILE, GENERATOR_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE, network_file
 from ganbert.models import Networks, build_generator
 from ganbert.train.step import Optimisers, unwrap
-
-STATE = "state.json"
-GENERATOR = "generator.safetensors"
 
 
 def _atomic_dir(path: Path) -> Path:
@@ -82,8 +80,8 @@ def save_model_dir(path: Path, cfg: Config, generator: nn.Module) -> Path:
     """`generator.safetensors` + `config.yaml`: what `ganbert synthesize` and the MLflow model load."""
     path = Path(path)
     tmp = _atomic_dir(path)
-    save_model(unwrap(generator), str(tmp / GENERATOR))
-    config_mod.save(cfg, tmp / "config.yaml")
+    save_model(unwrap(generator), str(tmp / GENERATOR_FILE))
+    config_mod.save(cfg, tmp / CONFIG_FILE)
     shutil.rmtree(path, ignore_errors=True)
     tmp.replace(path)
     return path
@@ -92,12 +90,12 @@ def save_model_dir(path: Path, cfg: Config, generator: nn.Module) -> Path:
 def load_generator(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
     """Generator (eval mode) and config from a model directory or a checkpoint directory."""
     path = Path(path)
-    for name in (GENERATOR, "config.yaml"):
+    for name in (GENERATOR_FILE, CONFIG_FILE):
         if not (path / name).is_file():
             raise ValueError(f"model directory {path}: missing {name}")
-    cfg = config_mod.load_file(path / "config.yaml")
+    cfg = config_mod.load_file(path / CONFIG_FILE)
     generator = build_generator(cfg)
-    load_model(generator, str(path / GENERATOR), device=str(device))
+    load_model(generator, str(path / GENERATOR_FILE), device=str(device))
     return generator.to(device).eval(), cfg
 
 
@@ -106,13 +104,13 @@ def save_state(path: Path, cfg: Config, nets: Networks, opt: Optimisers, meta: d
     path = Path(path)
     tmp = _atomic_dir(path)
     for name, module in nets.named().items():
-        save_model(unwrap(module), str(tmp / f"{name}.safetensors"))
+        save_model(unwrap(module), str(tmp / network_file(name)))
     tensors, tree = _split_optimiser(opt.state_dict())
-    save_file(tensors, str(tmp / "optim.safetensors"))
+    save_file(tensors, str(tmp / OPTIM_FILE))
     rng_tensors, rng_lists = rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    (tmp / STATE).write_text(json.dumps({"meta": meta, "optim": tree, "rng": rng_lists}))
-    config_mod.save(cfg, tmp / "config.yaml")
+    save_file(rng_tensors, str(tmp / RNG_FILE))
+    (tmp / STATE_FILE).write_text(json.dumps({"meta": meta, "optim": tree, "rng": rng_lists}))
+    config_mod.save(cfg, tmp / CONFIG_FILE)
     shutil.rmtree(path, ignore_errors=True)
     tmp.replace(path)
     return path
@@ -125,12 +123,12 @@ def load_state(path: Path, nets: Networks, opt: Optimisers, restore_rng: bool = 
     cast their state to their parameters' device, so build `opt` over the networks already on their device.
     """
     path = Path(path)
-    if not (path / STATE).is_file():
-        raise ValueError(f"checkpoint {path}: missing {STATE}")
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"checkpoint {path}: missing {STATE_FILE}")
     for name, module in nets.named().items():
-        load_model(unwrap(module), str(path / f"{name}.safetensors"), device="cpu")  # copied onto the params' device
-    state = json.loads((path / STATE).read_text())
-    opt.load_state_dict(_join_optimiser(state["optim"], load_file(str(path / "optim.safetensors"))))
+        load_model(unwrap(module), str(path / network_file(name)), device="cpu")  # copied onto the params' device
+    state = json.loads((path / STATE_FILE).read_text())
+    opt.load_state_dict(_join_optimiser(state["optim"], load_file(str(path / OPTIM_FILE))))
     if restore_rng:
-        set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+        set_rng_state(load_file(str(path / RNG_FILE)), state["rng"])
     return state["meta"]

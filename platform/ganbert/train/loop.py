@@ -26,11 +26,13 @@ import torch
 from ganbert import home, metrics
 from ganbert.config import Config, from_dict
 from ganbert.data import loader, stats
+from ganbert.figures import histogram_png, montage_png
+from ganbert.model_files import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
 from ganbert.models import Networks, build_networks
 from ganbert.raysession import ensure_ray
 from ganbert.sequence import Vocabulary
-from ganbert.tracking import MLflowTracker, Tracker, default_tracking_uri, end_open_run, histogram_png, make_tracker, montage_png
-from ganbert.train.checkpoint import STATE, load_generator, load_state, save_model_dir, save_state
+from ganbert.tracking import MLflowTracker, Tracker, end_open_run, make_tracker
+from ganbert.train.checkpoint import load_generator, load_state, save_model_dir, save_state
 from ganbert.train.device import place_networks
 from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch, unwrap
 
@@ -277,16 +279,16 @@ def publish_best(cfg: Config, checkpoint: ray.train.Checkpoint, tracking_uri: st
     dest = home.join(home.resolve(cfg.run.storage), cfg.run.name, "model")
     with checkpoint.as_directory() as d:
         generator, ckpt_cfg = load_generator(Path(d))
-        meta = json.loads((Path(d) / STATE).read_text())["meta"]
+        meta = json.loads((Path(d) / STATE_FILE).read_text())["meta"]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model_dir(Path(tmp) / "model", ckpt_cfg, generator)
         tracker = MLflowTracker(tracking_uri, cfg.run.experiment, cfg.run.name, run_id=meta["mlflow_run_id"])
         with tracker:
             tracker.set_tags({"best_epoch": str(meta["epoch"]), "best_val_psnr": f"{meta['val_psnr']:.4f}"})
-            tracker.log_artifact(model_dir / "config.yaml")
+            tracker.log_artifact(model_dir / CONFIG_FILE)
             uri = tracker.log_model(model_dir)
         if uri:
-            (model_dir / "MODEL_URI").write_text(uri + "\n")
+            (model_dir / MODEL_URI_FILE).write_text(uri + "\n")
         home.upload_dir(model_dir, dest)
     return dest, uri, meta["mlflow_run_id"]
 
@@ -323,7 +325,7 @@ def data_dir_for(cfg: Config, data: str | None) -> str:
 def main(args: argparse.Namespace, cfg: Config) -> int:
     ensure_ray(dashboard=True)
     data_dir = data_dir_for(cfg, args.data)
-    tracking_uri = args.tracking_uri or default_tracking_uri()
+    tracking_uri = args.tracking_uri or home.default_tracking_uri()
     print(f"[train] run {cfg.run.name} ({cfg.model.method}, {cfg.geometry.tracer}, preset {cfg.preset}) on "
           f"{cfg.run.workers} worker(s); data {data_dir}; tracking {tracking_uri}", flush=True)
     out = fit(cfg, data_dir, tracking_uri)
