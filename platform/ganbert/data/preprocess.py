@@ -47,6 +47,7 @@ from ganbert.config import TRACERS, Config, GeometryConfig
 from ganbert.progress import Progress
 from ganbert.raysession import ensure_ray
 from ganbert.data import adni, brainmask, dicom, registration, shards, stats
+from ganbert.data.datacontext import quiet_data_context
 from ganbert.data.nifti import Volume, VolumeError, check_values, image_data, read_volume, stack_frames
 
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.1, 99.9
@@ -337,27 +338,13 @@ def _natural(text: str) -> list[object]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
-def _quiet_data_context() -> None:
-    import logging
-
-    from ray.data import DataContext
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    for attr in ("enable_operator_progress_bars", "print_on_execution_start"):
-        if hasattr(ctx, attr):
-            setattr(ctx, attr, False)
-
-
 def _run_jobs(jobs: list[dict[str, Any]], root: Path, geometry: GeometryConfig,
               num_cpus: int | None) -> Iterator[dict[str, Any]]:
     """Process jobs on Ray Data (one task per pair, at most one per CPU) and yield results in job order."""
     import ray
 
     ensure_ray(num_cpus)
-    _quiet_data_context()
+    quiet_data_context()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     concurrency = max(1, min(cpus if num_cpus is None else num_cpus, len(jobs)))
     items = [{"key": i, "job": json.dumps(job)} for i, job in enumerate(jobs)]
