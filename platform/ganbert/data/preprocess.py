@@ -1,23 +1,6 @@
 """Preprocessing: conform T1, resample PET to the run geometry, split by subject, write Parquet shards on Ray Data.
 
-Geometry (what training, evaluation and synthesis all see):
-- MRI: a cube of `geometry.mri_size` voxels of `geometry.mri_voxel_mm` mm, RAS axes (array axis 0 runs
-  left->right, 1 posterior->anterior, 2 inferior->superior), centred on the centre of the input's field of view.
-  Linear interpolation (Gaussian anti-aliasing first when the output voxel is coarser than the input's).
-  Intensities: the input's 0.1th and 99.9th percentiles map to 0 and 255 (values beyond are clipped), uint8.
-- PET: `geometry.pet_frames` frames of `geometry.pet_size` voxels of `geometry.pet_voxel_mm`, RAS, centred on
-  the same world point as the conformed MRI. The F input frames are split into T contiguous groups
-  (numpy.array_split order) and each group is averaged; values stay in the scanner's units (float32).
-- Registration (`registration="rigid"`, the default): the PET (its frames averaged) is registered to its raw T1
-  (rigid, 6 dof, Mattes mutual information, three resolutions, SimpleITK; data.registration) before it is
-  resampled, since ADNI's "Co-registered" and standard-grid PET are not in the T1's space. The transform and its
-  quality figures go into the manifest row; a pair failing the quality check is rejected with the reason.
-  `registration="none"` trusts the headers (PET and T1 share world coordinates).
-- Brain mask: the nilearn MNI152 template is registered (affine) to the T1 and its brain mask resampled onto
-  the PET grid (column `brain_mask`, uint8). Region labels (column `labels`, uint8, nearest neighbour) come from
-  `<raw>/truth/<subject>_regions.nii.gz` when the cohort carries ground truth (the phantom), else zeros;
-  column `has_labels` and the manifest row's `labels` say which.
-
+Geometry: data.grid (the MRI cube and PET grid every stage sees).
 Output (see data.shards): `<split>-<tracer>-<nnnnn>.parquet` (zstd, at most `shard_mb` of tensors each; rows of a
 (split, tracer) ordered by a hash of the subject id), `manifest.json`, `pairs.csv`, `unpaired.csv`, `rejected.csv`.
 Splits are by subject (about 80/10/10, at least one subject each from three subjects on) and never change
@@ -39,18 +22,16 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from nibabel.spatialimages import SpatialImage
-from scipy import ndimage
 
 from ganbert.atomic import write_text
 from ganbert.config import TRACERS, Config, GeometryConfig
 from ganbert.progress import Progress
 from ganbert.raysession import ensure_ray
-from ganbert.data import adni, brainmask, dicom, registration, shards, stats
+from ganbert.data import adni, shards, stats
 from ganbert.data.datacontext import quiet_data_context
-from ganbert.data.nifti import Volume, VolumeError, check_values, image_data, read_volume, stack_frames
+from ganbert.data.grid import HIGH_PERCENTILE, LOW_PERCENTILE
+from ganbert.data.pair import REGISTRATIONS, message, pair_job, process_pair
 
-LOW_PERCENTILE, HIGH_PERCENTILE = 0.1, 99.9
 SPLIT_ORDER = {name: i for i, name in enumerate(shards.SPLITS)}
 PHANTOM_VERSION = 2
 SETTINGS = {"mri_rescale": f"input percentiles {LOW_PERCENTILE}..{HIGH_PERCENTILE} -> 0..255, clipped, uint8",
@@ -59,214 +40,7 @@ SETTINGS = {"mri_rescale": f"input percentiles {LOW_PERCENTILE}..{HIGH_PERCENTIL
             "centre": "centre of the T1 field of view", "pet_units": "scanner units of the input PET, float32"}
 
 
-# --- geometry (pure numpy; synthesis uses the same functions) ---------------------------------------
-
-def _centred_affine(centre: np.ndarray, voxel: Sequence[float], shape: Sequence[int]) -> np.ndarray:
-    """RAS affine with voxel sizes `voxel` whose grid centre ((shape - 1) / 2) lies at world `centre`."""
-    aff = np.eye(4)
-    aff[:3, :3] = np.diag(np.asarray(voxel, dtype=np.float64))
-    aff[:3, 3] = np.asarray(centre, dtype=np.float64) - aff[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1) / 2)
-    return aff
-
-
-def fov_centre(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """World mm (3,) of the centre of a grid's field of view."""
-    mid = (np.asarray(shape[:3], dtype=np.float64) - 1) / 2
-    return np.asarray(affine, dtype=np.float64)[:3, :3] @ mid + np.asarray(affine, dtype=np.float64)[:3, 3]
-
-
-def mri_affine_for(affine: np.ndarray, shape: Sequence[int], geometry: GeometryConfig) -> np.ndarray:
-    """Conformed MRI affine (4, 4): RAS, isotropic geometry.mri_voxel_mm, centred on the input FOV centre."""
-    return _centred_affine(fov_centre(affine, shape), [geometry.mri_voxel_mm] * 3, geometry.mri_size)
-
-
-def pet_affine(mri_affine: np.ndarray, geometry: GeometryConfig) -> np.ndarray:
-    """PET grid affine (4, 4): RAS, geometry.pet_voxel_mm, centred on the conformed MRI's centre."""
-    mri_affine = np.asarray(mri_affine, dtype=np.float64)
-    if mri_affine.shape != (4, 4) or not np.all(np.isfinite(mri_affine)):
-        raise ValueError(f"mri_affine must be a finite 4x4 matrix, got shape {mri_affine.shape}")
-    return _centred_affine(fov_centre(mri_affine, geometry.mri_size), geometry.pet_voxel_mm, geometry.pet_size)
-
-
-def resample(volume: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, shape: Sequence[int],
-             cval: float = 0.0) -> np.ndarray:
-    """Linear resampling of a 3D volume (X, Y, Z) onto the grid (shape, dst_affine) -> float32 `shape`.
-
-    When an output voxel spans more than one input voxel along an input axis, the input is first
-    smoothed with a Gaussian (sigma = (ratio - 1) / 2 input voxels) against aliasing.
-    """
-    if volume.ndim != 3:
-        raise ValueError(f"volume must be 3D (X, Y, Z), got shape {volume.shape}")
-    mapping = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
-    ratio = np.abs(mapping[:3, :3]).max(axis=1)
-    sigma = np.maximum(0.0, (ratio - 1.0) / 2.0)
-    data = np.asarray(volume, dtype=np.float32)
-    if np.any(sigma > 0.25):
-        data = ndimage.gaussian_filter(data, sigma, mode="nearest")
-    return ndimage.affine_transform(data, mapping[:3, :3], offset=mapping[:3, 3], output_shape=tuple(shape),
-                                    output=np.float32, order=1, mode="constant", cval=cval, prefilter=False)
-
-
-def conform_array(data: np.ndarray, affine: np.ndarray, geometry: GeometryConfig,
-                  name: str = "mri") -> tuple[np.ndarray, np.ndarray, float, float]:
-    """(X, Y, Z) float T1 -> (uint8 (D, H, W), affine (4, 4), lo, hi): the input values mapped to 0 and 255."""
-    if data.ndim != 3:
-        raise VolumeError(name, f"T1 must be one 3D volume, got shape {data.shape}")
-    check_values(data, name)
-    lo, hi = (float(v) for v in np.percentile(data, [LOW_PERCENTILE, HIGH_PERCENTILE]))
-    if hi <= lo:
-        lo, hi = float(data.min()), float(data.max())
-    out_affine = mri_affine_for(affine, data.shape, geometry)
-    res = resample(data, affine, out_affine, geometry.mri_size, cval=lo)
-    scaled = np.clip(np.rint((res - lo) * np.float32(255.0 / (hi - lo))), 0, 255).astype(np.uint8)
-    if not scaled.any():
-        raise VolumeError(name, "empty after conforming (no signal inside the conformed field of view)")
-    return scaled, out_affine, lo, hi
-
-
-def conform_mri(img: SpatialImage, geometry: GeometryConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Conform a T1 image: uint8 array (D, H, W) = geometry.mri_size and its RAS affine (4, 4).
-
-    Raises ValueError (VolumeError) naming the reason for a bad volume: wrong dimensionality, absurd
-    header, NaN/Inf or constant voxels, no signal in the field of view.
-    """
-    data, affine = image_data(img, "img")
-    if data.ndim == 4:
-        raise VolumeError(img.get_filename() or "img", f"T1 is 4D with {data.shape[3]} frames (expected one 3D volume)")
-    out, out_affine, _, _ = conform_array(data, affine, geometry, img.get_filename() or "img")
-    return out, out_affine
-
-
-def group_frames(data: np.ndarray, frames: int) -> np.ndarray:
-    """(X, Y, Z, F) or (X, Y, Z) -> (X, Y, Z, T): F frames in T contiguous groups (array_split), each averaged."""
-    if frames < 1:
-        raise ValueError(f"frames must be >= 1, got {frames}")
-    if data.ndim == 3:
-        data = data[..., None]
-    have = data.shape[3]
-    if have < frames:
-        raise ValueError(f"PET has {have} frame(s); geometry.pet_frames needs at least {frames}")
-    groups = np.array_split(np.arange(have), frames)
-    return np.stack([data[..., g].mean(axis=3, dtype=np.float64).astype(np.float32) for g in groups], axis=3)
-
-
-def resample_pet(data: np.ndarray, affine: np.ndarray, mri_affine: np.ndarray,
-                 geometry: GeometryConfig) -> np.ndarray:
-    """PET (X, Y, Z[, F]) in scanner units -> float32 (T, d, h, w) on the PET grid of a conformed MRI."""
-    grouped = group_frames(data, geometry.pet_frames)
-    dst = pet_affine(mri_affine, geometry)
-    return np.stack([resample(grouped[..., t], affine, dst, geometry.pet_size, cval=0.0)
-                     for t in range(grouped.shape[3])])
-
-
-def mri_stats(mri_uint8: np.ndarray) -> tuple[float, float]:
-    """Mean and population std (float64) over all voxels of a stored uint8 MRI (any shape)."""
-    arr = np.asarray(mri_uint8)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"mri_uint8 must be uint8, got {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError("mri_uint8 must not be empty")
-    return float(arr.mean(dtype=np.float64)), float(arr.std(dtype=np.float64))
-
-
 # --- one pair (runs in Ray Data tasks) ------------------------------------------------------------
-
-def _read_pet(paths: Sequence[Path]) -> Volume:
-    return stack_frames([dicom.read_any(p) for p in paths])
-
-
-REGISTRATIONS = ("rigid", "none")
-
-
-def region_labels(root: Path, subject: str, grid_affine: np.ndarray, shape: Sequence[int]) -> np.ndarray | None:
-    """Ground-truth region labels of a subject (root/truth/<subject>_regions.nii.gz) on a grid, nearest; None if absent."""
-    path = Path(root) / "truth" / f"{subject}_regions.nii.gz"
-    if not path.is_file():
-        return None
-    vol = read_volume(path)
-    mapping = np.linalg.inv(vol.affine) @ np.asarray(grid_affine, dtype=np.float64)
-    return ndimage.affine_transform(np.rint(vol.data).astype(np.uint8), mapping[:3, :3], offset=mapping[:3, 3],
-                                    output_shape=tuple(shape), order=0, mode="constant", cval=0)
-
-
-def registered_pet_affine(t1: np.ndarray, t1_affine: np.ndarray, pet: np.ndarray,
-                          pet_affine_in: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """Rigid PET-to-T1 registration: (the PET's affine into the T1's world, the manifest record); raises on failure."""
-    average = pet.mean(axis=3) if pet.ndim == 4 else pet
-    reg = registration.rigid(t1, t1_affine, average, pet_affine_in)
-    return np.linalg.inv(reg.matrix) @ np.asarray(pet_affine_in, dtype=np.float64), reg.record()
-
-
-def process_pair(job: dict[str, Any], root: Path, geometry: GeometryConfig) -> dict[str, Any]:
-    """Read, validate, conform, register and resample one pair -> arrays and stats, or {"error", "file", "which"}."""
-    mri_rel, pet_rels = job["mri_file"], list(job["pet_files"])
-    mode = job.get("registration", "rigid")
-    if mode not in REGISTRATIONS:
-        raise ValueError(f"registration must be one of {REGISTRATIONS}, got {mode!r}")
-    try:
-        vol = dicom.read_any(root / mri_rel)
-        if vol.data.ndim == 4:
-            raise VolumeError(vol.path, f"T1 is 4D with {vol.frames} frames (expected one 3D volume)")
-        mri, affine, lo, hi = conform_array(vol.data, vol.affine, geometry, mri_rel)
-        grid = pet_affine(affine, geometry)
-        stat = (root / mri_rel).stat()
-        template_reg = brainmask.fit(vol.data, vol.affine, key=f"{root / mri_rel}:{stat.st_size}:{stat.st_mtime_ns}")
-        brain = brainmask.on_grid(template_reg.matrix, grid, geometry.pet_size)
-    except VolumeError as err:
-        return {"error": err.reason, "file": mri_rel, "which": "mri"}
-    except (ValueError, MemoryError, OSError) as err:
-        return {"error": _message(err, root), "file": mri_rel, "which": "mri"}
-    try:
-        pet_vol = _read_pet([root / p for p in pet_rels])
-        pet_aff, reg_record = pet_vol.affine, None
-        if mode == "rigid":
-            pet_aff, reg_record = registered_pet_affine(vol.data, vol.affine, pet_vol.data, pet_vol.affine)
-        pet = resample_pet(pet_vol.data, pet_aff, affine, geometry)
-        del pet_vol, vol
-    except VolumeError as err:
-        return {"error": err.reason, "file": _rel_to(root, err.path, pet_rels[0]), "which": "pet"}
-    except registration.RegistrationError as err:
-        return {"error": str(err), "file": pet_rels[0], "which": "pet"}
-    except (ValueError, MemoryError, OSError) as err:
-        return {"error": _message(err, root), "file": pet_rels[0], "which": "pet"}
-    if not np.any(pet):
-        return {"error": "PET does not overlap the PET grid around the T1's centre (not in the T1's space?)",
-                "file": pet_rels[0], "which": "pet"}
-    try:
-        labels = region_labels(root, job["subject"], grid, geometry.pet_size)
-    except (VolumeError, ValueError, OSError) as err:
-        return {"error": f"ground-truth labels: {_message(err, root)}", "file": f"truth/{job['subject']}_regions.nii.gz",
-                "which": "pair"}
-    mean, std = mri_stats(mri)
-    sources = {"mri": [_source(root, mri_rel)], "pet": [_source(root, p) for p in pet_rels]}
-    stats = {"mri_mean": mean, "mri_std": std, "mri_input_p0.1": lo, "mri_input_p99.9": hi,
-             "pet_min": float(pet.min()), "pet_max": float(pet.max()), "pet_mean": float(pet.mean(dtype=np.float64))}
-    return {"mri": mri[None], "pet": pet, "mri_affine": affine, "mri_mean": mean, "mri_std": std,
-            "stats": stats, "sources": sources, "brain_mask": brain, "has_labels": labels is not None,
-            "labels": np.zeros(geometry.pet_size, np.uint8) if labels is None else labels,
-            "registration": reg_record, "template_registration": template_reg.record()}
-
-
-def _message(err: BaseException, root: Path) -> str:
-    """`Type: message` on one line, paths under the download root shown relative to it."""
-    text = " ".join(str(err).replace(f"{root}/", "").split())
-    return f"{type(err).__name__}: {text[:300]}"
-
-
-def _rel_to(root: Path, path: str, default: str) -> str:
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return default
-
-
-def _source(root: Path, rel: str) -> dict[str, Any]:
-    path = root / rel
-    if path.is_dir():  # a DICOM series: sha256 over its files' names and hashes, in name order
-        files = dicom.dicom_files(path)
-        digest = hashlib.sha256("".join(f"{f.name}:{shards.sha256_file(f)}\n" for f in files).encode()).hexdigest()
-        return {"path": rel, "sha256": digest, "bytes": sum(f.stat().st_size for f in files), "files": len(files)}
-    return {"path": rel, "sha256": shards.sha256_file(path), "bytes": path.stat().st_size}
 
 
 def _ray_process(item: dict[str, Any], root: str, geometry: dict[str, Any]) -> dict[str, Any]:
@@ -275,7 +49,7 @@ def _ray_process(item: dict[str, Any], root: str, geometry: dict[str, Any]) -> d
     try:
         result = process_pair(job, Path(root), _geometry(geometry))
     except Exception as err:  # noqa: BLE001 - a corrupt item is reported and skipped, never kills the run
-        result = {"error": _message(err, Path(root)), "file": job["pet_files"][0], "which": "pair"}
+        result = {"error": message(err, Path(root)), "file": job["pet_files"][0], "which": "pair"}
     if "error" in result:
         return {"key": item["key"], "meta": json.dumps(result), "mri": b"", "pet": b"", "brain_mask": b"",
                 "labels": b""}
@@ -360,12 +134,6 @@ def _run_jobs(jobs: list[dict[str, Any]], root: Path, geometry: GeometryConfig,
             expect += 1
     if pending or expect != len(jobs):
         raise RuntimeError(f"Ray Data returned {expect} of {len(jobs)} results")
-
-
-def _job(pair: adni.Pair, split: str) -> dict[str, Any]:
-    return {"subject": pair.subject, "tracer": pair.tracer, "split": split, "group": pair.group,
-            "mri_image_id": pair.mri.image_id, "pet_image_id": pair.pet.image_id, "days_apart": pair.days_apart,
-            "mri_file": pair.mri.files[0], "pet_files": list(pair.pet.files)}
 
 
 def _clean_tmp(out: Path) -> None:
@@ -460,7 +228,7 @@ def _run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb:
     manifest["splits"] = splits
     shards.save_manifest(out, manifest)
     done = {row["pet_image_id"] for row in manifest["rows"]}
-    jobs = sorted((_job(p, splits[p.subject]) | {"registration": registration}
+    jobs = sorted((pair_job(p, splits[p.subject]) | {"registration": registration}
                    for p in ingest.pairs if p.pet.image_id not in done),
                   # within a (split, tracer) group, rows follow a hash of the subject id: sites and groups are mixed
                   key=lambda j: (SPLIT_ORDER[j["split"]], j["tracer"], _subject_hash(j["subject"]),
@@ -611,7 +379,7 @@ def bench_preprocess(cfg: Config, subjects: int = 4, batch_size: int = 2) -> dic
         data = work / "shards"
         pairs = adni.ingest(work / "raw", 365, min_frames=cfg.geometry.pet_frames).pairs
         t3 = time.perf_counter()
-        process_pair(_job(pairs[0], "train"), work / "raw", cfg.geometry)
+        process_pair(pair_job(pairs[0], "train"), work / "raw", cfg.geometry)
         single = time.perf_counter() - t3
         per_row = shards.row_bytes(cfg.geometry) / 1e6
         ds = loader.read_split(data, "train", geometry=cfg.geometry)
