@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ganbert.config import demo
-from ganbert.data import adni, grid, loader, phantom, preprocess, shards, stats
+from ganbert.data import adni, grid, loader, phantom, preprocess, shards, splits, stats
 from ganbert.data.nifti import read_volume, stack_frames
 
 
@@ -92,10 +92,10 @@ def test_split_has_no_subject_leakage(tiny_run) -> None:
 
 def test_assign_splits_deterministic_and_sticky() -> None:
     subjects = [f"{i:03d}_S_{i:04d}" for i in range(40)]
-    a = preprocess.assign_splits(subjects)
-    assert a == preprocess.assign_splits(list(reversed(subjects)))
+    a = splits.assign_splits(subjects)
+    assert a == splits.assign_splits(list(reversed(subjects)))
     assert sorted(a.values()).count("test") == 4 and sorted(a.values()).count("val") == 4
-    grown = preprocess.assign_splits(subjects + ["999_S_9999"], existing=a)
+    grown = splits.assign_splits(subjects + ["999_S_9999"], existing=a)
     assert {s: grown[s] for s in a} == a  # old subjects never move
 
 

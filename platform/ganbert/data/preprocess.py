@@ -1,6 +1,11 @@
-"""Preprocessing: conform T1, resample PET to the run geometry, split by subject, write Parquet shards on Ray Data.
+"""Preprocessing: pair each PET with its T1, process the pairs on Ray Data, write Parquet shards and statistics.
 
-Geometry: data.grid (the MRI cube and PET grid every stage sees).
+The data flow, one module per stage: data.adni (scans and pairs of an ADNI-layout download, read through
+data.nifti / data.dicom) -> data.splits (subject -> train/val/test) -> data.pair (one pair read, registered with
+data.registration and data.brainmask, resampled onto data.grid; run here as Ray Data tasks) -> data.shards
+(Parquet shards and manifest) -> data.stats (training-split statistics, computed once, here). data.loader reads
+the shards back; data.phantom_cache builds cached phantom shards with `run`.
+
 Output (see data.shards): `<split>-<tracer>-<nnnnn>.parquet` (zstd, at most `shard_mb` of tensors each; rows of a
 (split, tracer) ordered by a hash of the subject id), `manifest.json`, `pairs.csv`, `unpaired.csv`, `rejected.csv`.
 Splits are by subject (about 80/10/10, at least one subject each from three subjects on) and never change
@@ -12,36 +17,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import re
-import shutil
-import tempfile
-import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
-from ganbert.atomic import write_text
-from ganbert.config import TRACERS, Config, GeometryConfig
+from ganbert.config import Config, GeometryConfig
 from ganbert.progress import Progress
 from ganbert.raysession import ensure_ray
 from ganbert.data import adni, shards, stats
 from ganbert.data.datacontext import quiet_data_context
 from ganbert.data.grid import HIGH_PERCENTILE, LOW_PERCENTILE
 from ganbert.data.pair import REGISTRATIONS, message, pair_job, process_pair
+from ganbert.data.splits import assign_splits, subject_hash
 
 SPLIT_ORDER = {name: i for i, name in enumerate(shards.SPLITS)}
-PHANTOM_VERSION = 2
 SETTINGS = {"mri_rescale": f"input percentiles {LOW_PERCENTILE}..{HIGH_PERCENTILE} -> 0..255, clipped, uint8",
             "interpolation": "linear (scipy.ndimage.affine_transform order 1), Gaussian anti-aliasing when coarser",
             "pet_frames": "contiguous groups (numpy.array_split) averaged", "orientation": "RAS",
             "centre": "centre of the T1 field of view", "pet_units": "scanner units of the input PET, float32"}
 
 
-# --- one pair (runs in Ray Data tasks) ------------------------------------------------------------
-
+# --- one pair in a Ray Data task ------------------------------------------------------------------
 
 def _ray_process(item: dict[str, Any], root: str, geometry: dict[str, Any]) -> dict[str, Any]:
     """Ray Data map function: one job (JSON) -> row with the result as bytes + JSON (a schema every row shares)."""
@@ -66,44 +65,6 @@ def _geometry(record: dict[str, Any]) -> GeometryConfig:
     return GeometryConfig(mri_size=tuple(record["mri_size"]), pet_frames=int(record["pet_frames"]),
                           pet_size=tuple(record["pet_size"]), mri_fov_mm=float(record["mri_fov_mm"]),
                           pet_fov_mm=tuple(record["pet_fov_mm"]))
-
-
-# --- splits ---------------------------------------------------------------------------------------
-
-def _subject_hash(subject: str) -> str:
-    return hashlib.sha256(f"ganbert-split:{subject}".encode()).hexdigest()
-
-
-def assign_splits(subjects: Sequence[str], existing: dict[str, str] | None = None, val_fraction: float = 0.1,
-                  test_fraction: float = 0.1) -> dict[str, str]:
-    """Subject -> train/val/test, deterministic; subjects in `existing` keep their split (no leakage on reruns).
-
-    A fresh cohort is ranked by a hash of the subject id: the first round(test_fraction * n) go to test,
-    the next round(val_fraction * n) to val (at least one each when n >= 3), the rest to train. Subjects
-    added later are placed by the same hash against the fractions.
-    """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 1), sum < 1")
-    existing = dict(existing or {})
-    bad = {s: v for s, v in existing.items() if v not in shards.SPLITS}
-    if bad:
-        raise ValueError(f"existing splits must be one of {shards.SPLITS}, got {bad}")
-    out = dict(existing)
-    new = sorted(set(subjects) - set(existing), key=_subject_hash)
-    if not existing:
-        n = len(new)
-        n_test = round(test_fraction * n)
-        n_val = round(val_fraction * n)
-        if n >= 3:
-            n_test = max(n_test, 1 if test_fraction > 0 else 0)
-            n_val = max(n_val, 1 if val_fraction > 0 else 0)
-        for i, subject in enumerate(new):
-            out[subject] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    else:
-        for subject in new:
-            u = int(_subject_hash(subject)[:12], 16) / float(16**12)
-            out[subject] = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
-    return {s: out[s] for s in sorted(out)}
 
 
 # --- the pipeline ---------------------------------------------------------------------------------
@@ -231,7 +192,7 @@ def _run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb:
     jobs = sorted((pair_job(p, splits[p.subject]) | {"registration": registration}
                    for p in ingest.pairs if p.pet.image_id not in done),
                   # within a (split, tracer) group, rows follow a hash of the subject id: sites and groups are mixed
-                  key=lambda j: (SPLIT_ORDER[j["split"]], j["tracer"], _subject_hash(j["subject"]),
+                  key=lambda j: (SPLIT_ORDER[j["split"]], j["tracer"], subject_hash(j["subject"]),
                                  _natural(j["pet_image_id"])))
     rejected, unpaired = list(ingest.rejected), list(ingest.unpaired)
     writer = shards.ShardWriter(out, geometry, manifest, shard_mb)
@@ -299,98 +260,3 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
           f"{summary['shards']} shards / {summary['rows']} rows in {summary['out']}")
     print("subjects per split: " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()))
     return 1 if summary["rejected"] else 0
-
-
-# --- cached phantom data for training without --data --------------------------------------------
-
-def phantom_size(geometry: GeometryConfig) -> str:
-    """The phantom raw size suited to a geometry: tiny (<= 32^3 MRI), demo (<= 96^3), else paper."""
-    side = geometry.mri_size[0]
-    return "tiny" if side <= 32 else "demo" if side <= 96 else "paper"
-
-
-def ensure_phantom(cfg: Config, cache_root: Path, subjects: int = 12, seed: int = 0) -> Path:
-    """Shards of a phantom cohort (all tracers) for cfg.geometry, built once and cached; returns the shards dir.
-
-    The cache key is the geometry, phantom size, subject count and seed; concurrent callers wait on a lock.
-    """
-    from ganbert.data import phantom
-
-    if subjects < 3:
-        raise ValueError(f"subjects must be >= 3 (one per split), got {subjects}")
-    size = phantom_size(cfg.geometry)
-    key_src = json.dumps({"geometry": shards.geometry_record(cfg.geometry), "size": size, "subjects": subjects,
-                          "seed": seed, "version": PHANTOM_VERSION}, sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
-    base = Path(cache_root) / f"phantom-{size}-{subjects}s-seed{seed}-{key}"
-    out, done = base / "shards", base / "DONE"
-    if done.exists():
-        return out
-    base.mkdir(parents=True, exist_ok=True)
-    with (base / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if done.exists():
-            return out
-        raw = base / "raw"
-        if not (raw / ".complete").exists():
-            phantom.write_cohort(raw, subjects, TRACERS, size, seed)
-            (raw / ".complete").write_text(key_src + "\n")
-        summary = run(raw, out, cfg)
-        if summary["rejected"]:
-            raise ValueError(f"phantom cohort {raw}: {summary['rejected']} inputs rejected (see {out / 'rejected.csv'})")
-        write_text(done, json.dumps(summary, sort_keys=True) + "\n")
-    return out
-
-
-# --- benchmark ------------------------------------------------------------------------------------
-
-def _timed_rows(batches: Iterator[Any]) -> tuple[int, float, float]:
-    """Consume an iterator of batches/rows: (rows, seconds to the first item, seconds in all)."""
-    t0 = time.perf_counter()
-    first, rows = 0.0, 0
-    for item in batches:
-        if not rows:
-            first = time.perf_counter() - t0
-        rows += len(item["subject"]) if isinstance(item["subject"], list) else 1
-    return rows, first, time.perf_counter() - t0
-
-
-def bench_preprocess(cfg: Config, subjects: int = 4, batch_size: int = 2) -> dict[str, float]:
-    """Preprocess a fresh phantom cohort at cfg's geometry; compare the loader with a plain pyarrow read.
-
-    Figures: pairs_per_s (Ray already started: ingest, Ray Data workers, shard writing, checksums),
-    single_pair_s (one pair in this process, warm files: the per-core cost), phantom_s (raw cohort
-    generation, not counted). Reading the train split once: loader_MBps (read_split + torch_batches) and
-    pyarrow_MBps (read_rows) in uncompressed tensor MB per second, their ratio, the loader's start-up
-    (seconds to its first batch: Ray Data plans and launches the read) and its MB/s after the first batch;
-    compression = tensor bytes / bytes on disk.
-    """
-    from ganbert.data import loader, phantom
-
-    size = phantom_size(cfg.geometry)
-    work = Path(tempfile.mkdtemp(prefix="ganbert-bench-"))
-    try:
-        ensure_ray()
-        t0 = time.perf_counter()
-        phantom.write_cohort(work / "raw", subjects, TRACERS, size, seed=0)
-        t1 = time.perf_counter()
-        summary = run(work / "raw", work / "shards", cfg)
-        t2 = time.perf_counter()
-        data = work / "shards"
-        pairs = adni.ingest(work / "raw", 365, min_frames=cfg.geometry.pet_frames).pairs
-        t3 = time.perf_counter()
-        process_pair(pair_job(pairs[0], "train"), work / "raw", cfg.geometry)
-        single = time.perf_counter() - t3
-        per_row = shards.row_bytes(cfg.geometry) / 1e6
-        ds = loader.read_split(data, "train", geometry=cfg.geometry)
-        n_loader, first, t_loader = _timed_rows(loader.torch_batches(ds, batch_size))
-        n_plain, _, t_plain = _timed_rows(loader.read_rows(data, "train"))
-        loader_mbps, plain_mbps = n_loader * per_row / t_loader, n_plain * per_row / t_plain
-        after_first = (n_loader - min(batch_size, n_loader)) * per_row / max(t_loader - first, 1e-9)
-        return {"pairs": float(summary["written"]), "pairs_per_s": summary["written"] / (t2 - t1),
-                "single_pair_s": single, "phantom_s": t1 - t0, "row_MB": per_row, "train_rows": float(n_loader),
-                "loader_MBps": loader_mbps, "pyarrow_MBps": plain_mbps, "loader_vs_pyarrow": loader_mbps / plain_mbps,
-                "loader_first_batch_s": first, "loader_after_first_MBps": after_first,
-                "compression": shards.compressed_ratio(data)}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
