@@ -67,7 +67,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Preprocessed shards of a tiny phantom cohort (12 subjects, 3 tracers), built once per session."""
     from ganbert import config
-    from ganbert.data.preprocess import ensure_phantom
+    from ganbert.data.phantom_cache import ensure_phantom
 
     return str(ensure_phantom(config.tiny(), tmp_path_factory.mktemp("cache")))
 

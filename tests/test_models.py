@@ -136,7 +136,7 @@ def _marker_pet_voxel(geometry: config.GeometryConfig, marker: tuple[int, int, i
     """The PET voxel that holds the world position of MRI voxel `marker` (preprocessing's own affines)."""
     import numpy as np
 
-    from ganbert.data.preprocess import mri_affine_for, pet_affine
+    from ganbert.data.grid import mri_affine_for, pet_affine
 
     mri_aff = mri_affine_for(np.diag([1.0, 1.0, 1.0, 1.0]), geometry.mri_size, geometry)
     world = mri_aff @ np.array([*marker, 1.0])

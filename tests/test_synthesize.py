@@ -20,7 +20,7 @@ from scipy import ndimage
 from ganbert import cli, config
 from ganbert import synthesize as syn
 from ganbert.config import Config
-from ganbert.data.preprocess import conform_mri, fov_centre, pet_affine
+from ganbert.data.grid import conform_mri, fov_centre, pet_affine
 from ganbert.models import build_generator
 from ganbert.train.checkpoint import load_generator, save_model_dir
 

@@ -177,7 +177,7 @@ def phantom_t1(size: str) -> str:
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     if args.what == "registration":
-        from ganbert.data.registration import bench as bench_registration
+        from ganbert.data.bench import bench_registration
         size = {"tiny": "tiny", "demo": "demo"}.get(cfg.preset, "paper")
         figures = bench_registration(size)
         lines = [f"Command: `ganbert bench registration --preset {cfg.preset}` on {_machine(torch.device('cpu'))}: "
@@ -211,7 +211,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         print("\n".join(f"- {k}: {v:.2f}" for k, v in figures.items()))
         return 0
     if args.what == "preprocess":
-        from ganbert.data.preprocess import bench_preprocess
+        from ganbert.data.bench import bench_preprocess
         figures = bench_preprocess(cfg)
         g = cfg.geometry
         lines = [f"Command: `ganbert bench preprocess --preset {cfg.preset}` on {_machine(torch.device('cpu'))}: "

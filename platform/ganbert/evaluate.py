@@ -19,7 +19,7 @@ from ganbert.atomic import write_csv, write_text
 from ganbert.config import GeometryConfig
 from ganbert.data import loader, shards
 from ganbert.data.phantom import LABEL, REFERENCE
-from ganbert.data.preprocess import pet_affine, resample
+from ganbert.data.grid import pet_affine, resample
 
 BASELINES = ("mean-pet",)
 SUBJECTS_CSV = "subjects.csv"

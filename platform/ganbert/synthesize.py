@@ -37,7 +37,7 @@ from ganbert.atomic import write_csv
 from ganbert.config import Config
 from ganbert.data import dicom
 from ganbert.data.nifti import VolumeError, is_nifti_name
-from ganbert.data.preprocess import conform_mri, pet_affine
+from ganbert.data.grid import conform_mri, pet_affine
 from ganbert.metrics import mri_stats, normalise_mri, restore_pet
 from ganbert.mlflow_model import resolve_model_dir
 from ganbert.progress import Progress

@@ -89,7 +89,7 @@ def test_bad_requests_raise_clear_errors(tiny_run, tmp_path: Path) -> None:
 
 
 def test_ensure_phantom_builds_once_then_reuses(tiny_shards: str) -> None:
-    from ganbert.data.preprocess import ensure_phantom
+    from ganbert.data.phantom_cache import ensure_phantom
 
     data = Path(tiny_shards)
     manifest = shards.read_manifest(data)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ganbert.config import demo
-from ganbert.data import adni, loader, phantom, preprocess, shards
+from ganbert.data import adni, grid, loader, phantom, preprocess, shards, splits, stats
 from ganbert.data.nifti import read_volume, stack_frames
 
 
@@ -47,15 +47,15 @@ def test_values_round_trip(tiny_run) -> None:
     for row in _all_rows(tiny_run.out):
         rec = records[row["pet_image_id"]]
         mri_src = tiny_run.raw / rec["sources"]["mri"][0]["path"]
-        mri, affine = preprocess.conform_mri(nib.load(str(mri_src)), geometry)
+        mri, affine = grid.conform_mri(nib.load(str(mri_src)), geometry)
         assert row["mri"].dtype == np.uint8 and row["mri"].shape == (1, *geometry.mri_size)
         np.testing.assert_array_equal(row["mri"][0], mri)
         np.testing.assert_array_equal(row["mri_affine"], affine)
-        assert (row["mri_mean"], row["mri_std"]) == preprocess.mri_stats(mri)
+        assert (row["mri_mean"], row["mri_std"]) == stats.mri_stats(mri)
         pet_vol = stack_frames([read_volume(tiny_run.raw / s["path"]) for s in rec["sources"]["pet"]])
         # the PET as registered to its T1 (the transform the manifest records, rounded to 1e-6)
         moved = np.linalg.inv(np.asarray(rec["registration"]["fixed_to_moving"]).reshape(4, 4)) @ pet_vol.affine
-        pet = preprocess.resample_pet(pet_vol.data, moved, affine, geometry)
+        pet = grid.resample_pet(pet_vol.data, moved, affine, geometry)
         assert row["pet"].dtype == np.float32 and row["pet"].shape == (geometry.pet_frames, *geometry.pet_size)
         np.testing.assert_allclose(row["pet"], pet, rtol=0, atol=1e-3 * float(np.abs(pet).max()))
         assert rec["stats"]["mri_mean"] == row["mri_mean"]
@@ -69,7 +69,7 @@ def test_pet_keeps_scanner_units_and_anatomy(tiny_run) -> None:
         assert pet.min() < 0 < 300 < pet.max() < 1200
         if row["tracer"] == "FDG":
             # MRI voxels on the PET grid: nearest MRI voxel of each PET voxel centre
-            pet_aff = preprocess.pet_affine(row["mri_affine"], tiny_run.cfg.geometry)
+            pet_aff = grid.pet_affine(row["mri_affine"], tiny_run.cfg.geometry)
             idx = np.indices(pet.shape[1:]).reshape(3, -1)
             world = pet_aff[:3, :3] @ idx + pet_aff[:3, 3:4]
             vox = np.rint(np.linalg.solve(row["mri_affine"][:3, :3], world - row["mri_affine"][:3, 3:4])).astype(int)
@@ -92,10 +92,10 @@ def test_split_has_no_subject_leakage(tiny_run) -> None:
 
 def test_assign_splits_deterministic_and_sticky() -> None:
     subjects = [f"{i:03d}_S_{i:04d}" for i in range(40)]
-    a = preprocess.assign_splits(subjects)
-    assert a == preprocess.assign_splits(list(reversed(subjects)))
+    a = splits.assign_splits(subjects)
+    assert a == splits.assign_splits(list(reversed(subjects)))
     assert sorted(a.values()).count("test") == 4 and sorted(a.values()).count("val") == 4
-    grown = preprocess.assign_splits(subjects + ["999_S_9999"], existing=a)
+    grown = splits.assign_splits(subjects + ["999_S_9999"], existing=a)
     assert {s: grown[s] for s in a} == a  # old subjects never move
 
 
@@ -235,9 +235,9 @@ def test_real_nibabel_files_through_the_pipeline(tiny_cfg, tmp_path: Path, data_
     summary = preprocess.run(raw, tmp_path / "out", tiny_cfg, val_fraction=0.0, test_fraction=0.0,
                              registration="none")  # example images, not a head: headers are trusted
     assert (summary["pairs"], summary["written"], summary["rejected"]) == (2, 2, 0)
-    mri, affine = preprocess.conform_mri(nib.load(str(Path(data_path) / "anatomical.nii")), tiny_cfg.geometry)
+    mri, affine = grid.conform_mri(nib.load(str(Path(data_path) / "anatomical.nii")), tiny_cfg.geometry)
     func = nib.load(str(Path(data_path) / "functional.nii"))
-    pet = preprocess.resample_pet(func.get_fdata(dtype=np.float32), func.affine, affine, tiny_cfg.geometry)
+    pet = grid.resample_pet(func.get_fdata(dtype=np.float32), func.affine, affine, tiny_cfg.geometry)
     rows = {r["tracer"]: r for r in loader.read_rows(tmp_path / "out", "train")}
     np.testing.assert_array_equal(rows["FDG"]["mri"][0], mri)
     np.testing.assert_array_equal(rows["FDG"]["pet"], pet)

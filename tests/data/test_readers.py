@@ -10,7 +10,7 @@ import pytest
 from nibabel.testing import data_path
 
 from ganbert.config import GeometryConfig, tiny
-from ganbert.data import preprocess
+from ganbert.data import grid, stats
 from ganbert.data.nifti import VolumeError, read_volume
 
 EXAMPLES = Path(data_path)
@@ -26,12 +26,12 @@ def test_nibabel_3d_examples_conform(name: str) -> None:
     vol = read_volume(EXAMPLES / name)
     assert vol.data.shape == img.shape and vol.data.dtype == np.float32
     np.testing.assert_allclose(vol.data, img.get_fdata(), rtol=1e-6)
-    mri, affine = preprocess.conform_mri(img, FINE)
+    mri, affine = grid.conform_mri(img, FINE)
     assert mri.shape == FINE.mri_size and mri.dtype == np.uint8
     assert mri.min() == 0 and mri.max() >= 128  # input 0.1/99.9th percentiles -> 0/255, then interpolated
     assert nib.aff2axcodes(affine) == ("R", "A", "S")
     np.testing.assert_allclose(np.diag(affine)[:3], FINE.mri_voxel_mm)
-    np.testing.assert_allclose(preprocess.fov_centre(affine, mri.shape), preprocess.fov_centre(img.affine, img.shape))
+    np.testing.assert_allclose(grid.fov_centre(affine, mri.shape), grid.fov_centre(img.affine, img.shape))
 
 
 def test_nibabel_example_with_nan_background_is_rejected_with_the_count() -> None:
@@ -45,20 +45,20 @@ def test_nibabel_4d_examples_as_pet(name: str) -> None:
     img = nib.load(str(EXAMPLES / name))
     vol = read_volume(EXAMPLES / name)
     assert vol.data.ndim == 4 and vol.frames == img.shape[3]
-    mri_affine = preprocess.mri_affine_for(vol.affine, vol.data.shape, GEOMETRY)
-    pet = preprocess.resample_pet(vol.data, vol.affine, mri_affine, GEOMETRY)
+    mri_affine = grid.mri_affine_for(vol.affine, vol.data.shape, GEOMETRY)
+    pet = grid.resample_pet(vol.data, vol.affine, mri_affine, GEOMETRY)
     assert pet.shape == (GEOMETRY.pet_frames, *GEOMETRY.pet_size) and pet.dtype == np.float32
     groups = np.array_split(np.arange(vol.frames), GEOMETRY.pet_frames)
     for t, frames in enumerate(groups):
-        expect = preprocess.resample(vol.data[..., frames].mean(axis=3), vol.affine,
-                                     preprocess.pet_affine(mri_affine, GEOMETRY), GEOMETRY.pet_size)
+        expect = grid.resample(vol.data[..., frames].mean(axis=3), vol.affine,
+                                     grid.pet_affine(mri_affine, GEOMETRY), GEOMETRY.pet_size)
         np.testing.assert_allclose(pet[t], expect, rtol=1e-5, atol=1e-3)
     assert np.abs(pet).max() > 0
 
 
 def test_4d_image_is_not_a_t1() -> None:
     with pytest.raises(ValueError, match=r"T1 is 4D with 2 frames"):
-        preprocess.conform_mri(nib.load(str(EXAMPLES / "example4d.nii.gz")), GEOMETRY)
+        grid.conform_mri(nib.load(str(EXAMPLES / "example4d.nii.gz")), GEOMETRY)
 
 
 def test_non_nifti_formats_are_refused_by_the_reader() -> None:
@@ -89,8 +89,8 @@ def test_conform_is_orientation_invariant_and_places_world_points() -> None:
     other = ras.as_reoriented(transform)
     assert nib.aff2axcodes(other.affine) == ("P", "L", "I")
     geometry = GeometryConfig(mri_size=(64, 64, 64), mri_fov_mm=192.0)
-    a, aff_a = preprocess.conform_mri(ras, geometry)
-    b, aff_b = preprocess.conform_mri(other, geometry)
+    a, aff_a = grid.conform_mri(ras, geometry)
+    b, aff_b = grid.conform_mri(other, geometry)
     np.testing.assert_allclose(aff_a, aff_b, atol=1e-9)
     assert np.mean(a.astype(int) == b.astype(int)) > 0.999 and np.abs(a.astype(int) - b.astype(int)).max() <= 1
     peak = np.argwhere(a == 255).mean(axis=0)  # the blob saturates at the 99.9th percentile: its centroid
@@ -99,30 +99,30 @@ def test_conform_is_orientation_invariant_and_places_world_points() -> None:
 
 def test_pet_grid_shares_the_mri_centre() -> None:
     geometry = GeometryConfig()
-    mri_affine = preprocess.mri_affine_for(np.diag([1.2, 1.0, 1.0, 1.0]), (176, 240, 256), geometry)
-    pet_aff = preprocess.pet_affine(mri_affine, geometry)
+    mri_affine = grid.mri_affine_for(np.diag([1.2, 1.0, 1.0, 1.0]), (176, 240, 256), geometry)
+    pet_aff = grid.pet_affine(mri_affine, geometry)
     np.testing.assert_allclose(np.diag(pet_aff)[:3], geometry.pet_voxel_mm)
-    np.testing.assert_allclose(preprocess.fov_centre(pet_aff, geometry.pet_size),
-                               preprocess.fov_centre(mri_affine, geometry.mri_size))
+    np.testing.assert_allclose(grid.fov_centre(pet_aff, geometry.pet_size),
+                               grid.fov_centre(mri_affine, geometry.mri_size))
     np.testing.assert_allclose(np.diag(mri_affine)[:3], 1.0)
     with pytest.raises(ValueError, match="mri_affine"):
-        preprocess.pet_affine(np.eye(3), geometry)
+        grid.pet_affine(np.eye(3), geometry)
 
 
 def test_group_frames_averages_contiguous_groups() -> None:
     data = np.stack([np.full((3, 3, 3), float(k)) for k in range(5)], axis=3).astype(np.float32)
-    grouped = preprocess.group_frames(data, 2)
+    grouped = grid.group_frames(data, 2)
     np.testing.assert_allclose(grouped[0, 0, 0], [1.0, 3.5])  # frames 0-2 and 3-4
     with pytest.raises(ValueError, match="PET has 5 frame"):
-        preprocess.group_frames(data, 6)
+        grid.group_frames(data, 6)
 
 
 def test_mri_stats_are_population_stats_over_all_voxels() -> None:
     arr = np.arange(256, dtype=np.uint8).reshape(4, 4, 16)
-    mean, std = preprocess.mri_stats(arr)
+    mean, std = stats.mri_stats(arr)
     assert (mean, std) == (127.5, float(np.std(np.arange(256.0))))
     with pytest.raises(ValueError, match="uint8"):
-        preprocess.mri_stats(arr.astype(np.float32))
+        stats.mri_stats(arr.astype(np.float32))
 
 
 @pytest.mark.parametrize("bad, reason", [
@@ -132,4 +132,4 @@ def test_mri_stats_are_population_stats_over_all_voxels() -> None:
 ])
 def test_conform_mri_rejects_bad_volumes(bad: np.ndarray, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
-        preprocess.conform_mri(nib.Nifti1Image(bad, np.eye(4)), GEOMETRY)
+        grid.conform_mri(nib.Nifti1Image(bad, np.eye(4)), GEOMETRY)

@@ -14,6 +14,7 @@ import torch
 
 from ganbert.config import GeometryConfig
 from ganbert.data import shards
+from ganbert.data.datacontext import quiet_data_context
 
 STRING_KEYS = ("subject", "tracer", "split", "group", "mri_image_id", "pet_image_id")
 
@@ -108,13 +109,12 @@ def positions_dataset(positions: list[tuple[str, int]], rows_per_read: int = 4) 
     """A lazy `ray.data.Dataset` of the given rows in the given order (read tasks of READ_CPUS each)."""
     import ray
 
-    from ganbert.data.preprocess import _quiet_data_context
     from ganbert.raysession import ensure_ray
 
     if not positions:
         raise ValueError("positions: no rows to read")
     ensure_ray()
-    _quiet_data_context()
+    quiet_data_context()
     items = [{"file": f, "row": r} for f, r in positions]
     blocks = max(1, (len(items) + rows_per_read - 1) // rows_per_read)
     # from_items + map_batches: no ListFiles task (Ray Data's file listing asks a whole CPU, which a 2-CPU node

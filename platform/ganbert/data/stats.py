@@ -1,4 +1,7 @@
-"""Training-split statistics computed once at preprocessing (manifest `train_stats`): token calibration, PET level.
+"""Statistics computed once at preprocessing: each row's MRI mean/std and the training split's (`train_stats`).
+
+Per row: mean and std of the stored uint8 MRI (shard columns `mri_mean`, `mri_std`; the normalisation every stage
+uses). Training split, in the manifest (`train_stats`): token calibration and the PET level.
 
 Per tracer: quantiles of the normalised MRI and PET summary values at one sequence length (the token space is
 calibrated from them, `sequence.calibrated_range`), the mean / std of the normalised PET voxels and the mean
@@ -25,6 +28,16 @@ from ganbert.sequence import calibrated_range, summarise
 QUANTILES = (0.0, 0.001, 0.01, 0.5, 0.99, 0.999, 1.0)
 KEY = "train_stats"
 VOLUMES = "train_mean_pet.safetensors"
+
+
+def mri_stats(mri_uint8: np.ndarray) -> tuple[float, float]:
+    """Mean and population std (float64) over all voxels of a stored uint8 MRI (any shape)."""
+    arr = np.asarray(mri_uint8)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"mri_uint8 must be uint8, got {arr.dtype}")
+    if arr.size == 0:
+        raise ValueError("mri_uint8 must not be empty")
+    return float(arr.mean(dtype=np.float64)), float(arr.std(dtype=np.float64))
 
 
 def row_summaries(row: dict[str, Any], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

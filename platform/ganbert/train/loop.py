@@ -318,7 +318,7 @@ def data_dir_for(cfg: Config, data: str | None) -> str:
     """`--data`, else a phantom cohort of the config's geometry built and cached on first use."""
     if data:
         return home.resolve(data)
-    from ganbert.data.preprocess import ensure_phantom
+    from ganbert.data.phantom_cache import ensure_phantom
     return str(ensure_phantom(cfg, home.home() / "cache"))
 
 
