@@ -21,7 +21,8 @@ from ganbert.atomic import write_text
 from ganbert.config import GeometryConfig
 from ganbert.data import brainmask, dicom
 from ganbert.data.nifti import VolumeError
-from ganbert.data.preprocess import REGISTRATIONS, conform_array, pet_affine, registered_pet_affine, resample_pet
+from ganbert.data.grid import conform_array, pet_affine, resample_pet
+from ganbert.data.pair import REGISTRATIONS, registered_pet_affine
 from ganbert.evaluate import subject_metrics
 
 SUFFIX = "_reference.json"

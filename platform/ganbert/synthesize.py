@@ -1,11 +1,11 @@
 """PET synthesis from T1 MRI: one file, or a folder of them on Ray Data, written as 4D NIfTI in PET units.
 
 What a synthesised file is:
-- The T1 is conformed exactly as training did (`data.preprocess.conform_mri`: RAS cube of geometry.mri_size,
+- The T1 is conformed exactly as training did (`data.grid.conform_mri`: RAS cube of geometry.mri_size,
   centred on the input's field of view, percentiles to 0..255 uint8), normalised with its own mean and std,
   run through the generator, and restored to PET units with the same MRI statistics (`metrics.restore_pet`).
 - The output array is float32 (d, h, w, T): geometry.pet_size voxels of geometry.pet_voxel_mm and
-  geometry.pet_frames frames. Its affine is `preprocess.pet_affine` of the conformed MRI affine: RAS axes,
+  geometry.pet_frames frames. Its affine is `grid.pet_affine` of the conformed MRI affine: RAS axes,
   centred on the same world point as the input's field of view, so it overlays the input T1 in any viewer.
 - qform and sform both hold that affine with the input's coordinate-system code (its sform code if set,
   else its qform code, else 1 = scanner): the output lies in the same world space as the input.
