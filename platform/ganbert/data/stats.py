@@ -8,9 +8,10 @@ existed, or a run at another `sequence.length`, compute them at start (one pass 
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 from ganbert.config import TRACERS, Config, apply
 from ganbert.data import loader, shards
 from ganbert.metrics import normalise_mri, normalise_pet
-from ganbert.sequence import calibrated_range, summarise
+from ganbert.sequence import Vocabulary, calibrated_range, summarise
 
 QUANTILES = (0.0, 0.001, 0.01, 0.5, 0.99, 0.999, 1.0)
 KEY = "train_stats"
@@ -114,3 +115,39 @@ def calibrate(cfg: Config, tracer_stats_: dict[str, Any]) -> Config:
         if tuple(getattr(s, f"{seg}_range")) == (0.0, 0.0):
             updates[f"sequence.{seg}_range"] = calibrated_range(tracer_stats_[seg])
     return apply(cfg, updates) if updates else cfg
+
+
+def calibrated(cfg: Config, data_dir: str) -> tuple[Config, dict[str, Any]]:
+    """The run config with its token space calibrated from the training split, and the split's statistics."""
+    found = for_run(data_dir, cfg.geometry.tracer, cfg.sequence.length)
+    return calibrate(cfg, found), found
+
+
+def normalised_train_pet(data_dir: str, tracer: str, rows: int | None = None) -> Iterator[torch.Tensor]:
+    """The training PET volumes `(T, d, h, w)` of a tracer (first `rows`), float64, normalised by MRI stats."""
+    count = 0
+    for row in itertools.islice(loader.read_rows(data_dir, "train", tracer), rows):
+        pet = torch.from_numpy(np.array(row["pet"], dtype=np.float64))[None]
+        yield normalise_pet(pet, torch.tensor([row["mri_mean"]]), torch.tensor([row["mri_std"]]))[0]
+        count += 1
+    if count == 0:
+        raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
+
+
+def token_health(cfg: Config, data_dir: str, split: str = "val") -> dict[str, float]:
+    """Token health of a split's real summaries under the run's (calibrated) token space, as MLflow metrics.
+
+    `token_{mri,pet}_collide_or_clip`: share of summary values whose ids collide (paper scheme) or clip
+    (monotonic); `token_{mri,pet}_distinct`: distinct value ids used.
+    """
+    vocab = Vocabulary(cfg.sequence)
+    parts: dict[str, list[np.ndarray]] = {"mri": [], "pet": []}
+    for row in loader.read_rows(data_dir, split, cfg.geometry.tracer):
+        mri, pet, _ = row_summaries(row, cfg.sequence.length)
+        parts["mri"].append(mri)
+        parts["pet"].append(pet)
+    out = {}
+    for seg, values in parts.items():
+        for key, value in vocab.health(torch.from_numpy(np.concatenate(values)), seg).items():
+            out[f"token_{seg}_{key}"] = value
+    return out
