@@ -42,9 +42,10 @@ def tracer_stats(data_dir: Path | str, tracer: str, length: int) -> dict[str, An
     "pet_mean_volume" (float32 `(T, d, h, w)`, normalised units) is the voxelwise mean training PET; the
     rest is JSON-able.
     """
-    mri_parts, pet_parts, total, total_sq, count, volume = [], [], 0.0, 0.0, 0, None
+    mri_parts, pet_parts, total, total_sq, count, volume, shape = [], [], 0.0, 0.0, 0, None, ()
     for row in loader.read_rows(data_dir, "train", tracer):
         mri, pet, voxels = row_summaries(row, length)
+        shape = np.asarray(row["pet"]).shape
         mri_parts.append(mri)
         pet_parts.append(pet)
         total, total_sq, count = total + float(voxels.sum()), total_sq + float(np.square(voxels).sum()), count + voxels.size
@@ -52,7 +53,6 @@ def tracer_stats(data_dir: Path | str, tracer: str, length: int) -> dict[str, An
     if not mri_parts or volume is None:
         return None
     mean = total / count
-    shape = np.asarray(next(loader.read_rows(data_dir, "train", tracer))["pet"]).shape
 
     def quantiles(parts: list[np.ndarray]) -> dict[str, float]:
         values = np.concatenate(parts)
@@ -90,10 +90,10 @@ def record(data_dir: Path | str, manifest: dict[str, Any], length: int) -> None:
     shards.save_manifest(Path(data_dir), manifest)
 
 
-def for_run(data_dir: Path | str, tracer: str, length: int) -> dict[str, Any]:
-    """A tracer's statistics (with its mean PET volume): from the manifest when recorded at this length,
-    else computed now."""
-    manifest = shards.read_manifest(data_dir)
+def for_run(data_dir: Path | str, tracer: str, length: int, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A tracer's statistics (with its mean PET volume): from the manifest (`manifest`, else read from
+    `data_dir`) when recorded at this length, else computed now in one pass over the training rows (logged)."""
+    manifest = shards.read_manifest(data_dir) if manifest is None else manifest
     recorded = manifest.get(KEY, {}).get(tracer)
     volumes = Path(data_dir) / VOLUMES
     if recorded is not None and recorded["length"] == length and volumes.is_file():
@@ -117,9 +117,10 @@ def calibrate(cfg: Config, tracer_stats_: dict[str, Any]) -> Config:
     return apply(cfg, updates) if updates else cfg
 
 
-def calibrated(cfg: Config, data_dir: str) -> tuple[Config, dict[str, Any]]:
-    """The run config with its token space calibrated from the training split, and the split's statistics."""
-    found = for_run(data_dir, cfg.geometry.tracer, cfg.sequence.length)
+def calibrated(cfg: Config, data_dir: str, manifest: dict[str, Any] | None = None) -> tuple[Config, dict[str, Any]]:
+    """The run config with its token space calibrated from the training split, and the split's statistics
+    (`for_run`: from `manifest` when it holds them)."""
+    found = for_run(data_dir, cfg.geometry.tracer, cfg.sequence.length, manifest)
     return calibrate(cfg, found), found
 
 

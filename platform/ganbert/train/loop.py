@@ -173,17 +173,29 @@ def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
     return {a: (b / max(count, 1) if a != "lr" else b) for a, b in sums.items()}
 
 
+def loop_config(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
+                tags: dict[str, str] | None = None) -> tuple[Config, dict[str, Any]]:
+    """(the run config with its token space calibrated, the workers' `train_loop_config`) of one run.
+
+    The shards' manifest is read once: it fails early on a wrong geometry or a missing split, and gives the
+    training statistics (`stats.for_run`: token calibration, PET level and mean volume; computed in one logged
+    pass over the training rows only for shards that lack them) and the training row count. The val split's
+    token health reads its rows once (its summaries are not recorded at preprocessing).
+    """
+    tracer = cfg.geometry.tracer
+    manifest = loader.checked_manifest(data_dir, ("train", "val"), tracer, cfg.geometry)
+    cfg, found = stats.calibrated(cfg, data_dir, manifest)
+    return cfg, {"config": cfg.to_dict(), "data_dir": home.resolve(data_dir), "tracking_uri": tracking_uri,
+                 "steps_per_epoch": steps_per_epoch(cfg, loader.rows_in(manifest, "train", tracer)),
+                 "pet_stats": (found["pet_mean_volume"], found["pet_std"]),
+                 "token_health": stats.token_health(cfg, data_dir),
+                 "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV)}
+
+
 def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
                 tags: dict[str, str] | None = None, callbacks: list[Any] | None = None) -> ray.train.torch.TorchTrainer:
     """The `TorchTrainer` of one run: datasets from the shards, best-by-val-PSNR checkpoints, retries."""
-    tracer, g = cfg.geometry.tracer, cfg.geometry
-    loader.shard_paths(data_dir, "train", tracer, g)  # fail early: wrong geometry, or a split missing
-    loader.shard_paths(data_dir, "val", tracer, g)
-    cfg, found = stats.calibrated(cfg, data_dir)
-    loop_cfg = {"config": cfg.to_dict(), "data_dir": home.resolve(data_dir), "tracking_uri": tracking_uri,
-                "steps_per_epoch": steps_per_epoch(cfg, loader.count_rows(data_dir, "train", tracer)),
-                "pet_stats": (found["pet_mean_volume"], found["pet_std"]), "token_health": stats.token_health(cfg, data_dir),
-                "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV)}
+    cfg, loop_cfg = loop_config(cfg, data_dir, tracking_uri, parent_run_id, tags)
     storage = home.resolve(cfg.run.storage)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
