@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ganbert import config
-from ganbert.models import METHODS, build_generator, build_networks
+from ganbert.models import METHODS, build_bert, build_generator, build_networks
 from ganbert.models.bert_disc import BertDiscriminator, bert_config
 from ganbert.models.unet3d import UNet3D
 from ganbert.sequence import Vocabulary, build_sequence, mask_positions, mask_sequence
@@ -52,11 +52,13 @@ def test_paper_generator_shape_on_meta_device() -> None:
 
 def test_paper_bert_is_bert_base_with_1027_tokens() -> None:
     cfg = config.apply(config.paper(), RANGES)
-    bc = bert_config(cfg)
+    m = cfg.model
+    bc = bert_config(Vocabulary(cfg.sequence), m.bert_hidden, m.bert_layers, m.bert_heads, m.bert_intermediate,
+                     m.bert_max_positions)
     assert (bc.num_hidden_layers, bc.hidden_size, bc.num_attention_heads) == (12, 768, 12)
     assert bc.max_position_embeddings >= 1027 and bc.vocab_size == 10_005
     with torch.device("meta"):
-        d = BertDiscriminator(cfg)
+        d = build_bert(cfg)
     n = sum(p.numel() for p in d.parameters())
     # bert-base-uncased has 110.1M with 30,522 tokens and 512 positions; with 10,005 tokens and 1,032
     # positions it is 110.1M - (30522 - 10005) * 768 (+ MLM bias) + 520 * 768 = 94.73M.
@@ -68,7 +70,7 @@ def test_paper_bert_is_bert_base_with_1027_tokens() -> None:
 
 def test_bert_discriminator_outputs() -> None:
     cfg = tiny()
-    d = BertDiscriminator(cfg)
+    d = build_bert(cfg)
     vocab = Vocabulary(cfg.sequence)
     seq = build_sequence(vocab, torch.randn(3, 64), torch.randn(3, 64))
     pos = mask_positions(3, 64, 0.05, 0.25)
@@ -102,8 +104,8 @@ def test_generator_rejects_bad_arguments() -> None:
 def test_bert_checkpointing_gives_the_same_gradients() -> None:
     cfgs = [tiny(**{"optim.checkpointing": flag}) for flag in (False, True)]
     torch.manual_seed(0)
-    plain = BertDiscriminator(cfgs[0])
-    ckpt = BertDiscriminator(cfgs[1])
+    plain = build_bert(cfgs[0])
+    ckpt = build_bert(cfgs[1])
     ckpt.load_state_dict(plain.state_dict())
     plain.train(), ckpt.train()
     vocab = Vocabulary(cfgs[0].sequence)
@@ -116,6 +118,19 @@ def test_bert_checkpointing_gives_the_same_gradients() -> None:
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_bert_discriminator_takes_explicit_sizes_and_rejects_bad_ones() -> None:
+    vocab = Vocabulary(tiny().sequence)
+    d = BertDiscriminator(vocab, hidden=16, layers=1, heads=2, intermediate=32, max_positions=160, dropout=0.0)
+    bc = d.model.config
+    assert (bc.hidden_size, bc.num_hidden_layers, bc.num_attention_heads, bc.intermediate_size) == (16, 1, 2, 32)
+    assert (bc.max_position_embeddings, bc.vocab_size, bc.hidden_dropout_prob) == (160, vocab.size, 0.0)
+    for kwargs, name in (({"hidden": 0}, "hidden"), ({"layers": 0}, "layers"), ({"heads": 3}, "heads"),
+                         ({"intermediate": 0}, "intermediate"), ({"max_positions": 0}, "max_positions"),
+                         ({"dropout": 1.0}, "dropout")):
+        with pytest.raises(ValueError, match=name):
+            BertDiscriminator(vocab, **({"hidden": 16, "heads": 2} | kwargs))
 
 
 @pytest.mark.parametrize("method, mean, std", [("ganbert", 39.7, 40.0), ("ganbert", -0.4, 0.5),

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ganbert import config
+from ganbert.data import loader, shards, stats
 from ganbert.data.loader import count_rows
 from ganbert.tracking import find_run
 from ganbert.train import loop
@@ -92,6 +95,48 @@ def test_a_run_that_fails_for_good_ends_failed_in_mlflow(tmp_path: Path, tiny_sh
     run_id = find_run(uri, "ganbert", "doomed")
     assert run_id is not None
     assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+
+
+def _spy_read_rows(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the split of every `loader.read_rows` call (the plain shard reader), then read as usual."""
+    splits: list[str] = []
+    real = loader.read_rows
+
+    def spy(data_dir: str, split: str, *args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        splits.append(split)
+        return real(data_dir, split, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "read_rows", spy)
+    return splits
+
+
+def test_run_inputs_come_from_the_manifest_without_reading_training_rows(tiny_shards: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _spy_read_rows(monkeypatch)
+    cfg, loop_cfg = loop.loop_config(config.tiny(), tiny_shards, "sqlite:///unused.db")
+    assert reads == ["val"]  # the val split's token health; the training statistics are the manifest's
+    recorded = shards.read_manifest(tiny_shards)[stats.KEY]["AV45"]
+    assert cfg.calibrated and loop_cfg["pet_stats"][1] == recorded["pet_std"]
+    assert loop_cfg["pet_stats"][0].shape == (2, 14, 12, 12)
+    assert loop_cfg["steps_per_epoch"] == loop.steps_per_epoch(cfg, count_rows(tiny_shards, "train", "AV45"))
+    assert set(loop_cfg["token_health"]) == {f"token_{s}_{k}" for s in ("mri", "pet")
+                                             for k in ("collide_or_clip", "distinct")}
+
+
+def test_shards_without_statistics_compute_them_once_and_say_so(tiny_shards: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(tiny_shards, old)
+    manifest = shards.read_manifest(old)
+    manifest.pop(stats.KEY)
+    shards.save_manifest(old, manifest)
+    expected, _ = loop.loop_config(config.tiny(), tiny_shards, "sqlite:///unused.db")
+    reads = _spy_read_rows(monkeypatch)
+    cfg, _ = loop.loop_config(config.tiny(), str(old), "sqlite:///unused.db")
+    assert reads == ["train", "val"]  # one pass over the training rows
+    assert f"no {stats.KEY} for AV45" in capsys.readouterr().out
+    assert cfg.sequence == expected.sequence
 
 
 def test_epoch_order_is_a_seeded_permutation_of_the_whole_split(tiny_shards: str) -> None:

@@ -96,7 +96,7 @@ def bench_tokens(cfg: Config, data_dir: str) -> list[str]:
     distinct value ids they use (of `sequence.vocab_values`).
     """
     from ganbert.data import shards
-    from ganbert.train.loop import calibrated, token_health
+    from ganbert.data.stats import calibrated, token_health
 
     lines = ["| tracer | scheme | MRI collide/clip | PET collide/clip | MRI distinct ids | PET distinct ids |",
              "| --- | --- | --- | --- | --- | --- |"]

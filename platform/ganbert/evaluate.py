@@ -17,9 +17,10 @@ from torch import nn
 from ganbert import metrics
 from ganbert.atomic import write_csv, write_text
 from ganbert.config import GeometryConfig
-from ganbert.data import loader, shards
+from ganbert.data import loader, shards, stats
 from ganbert.data.phantom import LABEL, REFERENCE
 from ganbert.data.grid import pet_affine, resample
+from ganbert.figures import histogram_png, montage_png
 
 BASELINES = ("mean-pet",)
 SUBJECTS_CSV = "subjects.csv"
@@ -61,27 +62,31 @@ class MeanPET(nn.Module):
 
 def mean_pet(data_dir: str, tracer: str) -> MeanPET:
     """Streamed mean of the normalised training PET volumes of a tracer (restored per subject like G's output)."""
-    from ganbert.train.loop import normalised_train_pet  # the one generator of normalised training PET
-
     total, n = None, 0
-    for norm in normalised_train_pet(data_dir, tracer):
+    for norm in stats.normalised_train_pet(data_dir, tracer):
         total = norm if total is None else total + norm
         n += 1
     assert total is not None  # normalised_train_pet raises on an empty split
     return MeanPET((total / n).float())
 
 
+def predict_row(generator: nn.Module, row: dict[str, Any], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One shard row -> restored PET (T, d, h, w) float32 on `device`: MRI normalised by its stored statistics,
+    G, restore_pet."""
+    mri = torch.from_numpy(np.array(row["mri"], dtype=np.uint8))[None].to(device)
+    mean = torch.tensor([float(row["mri_mean"])], dtype=torch.float32, device=device)
+    std = torch.tensor([float(row["mri_std"])], dtype=torch.float32, device=device)
+    with torch.no_grad():
+        out = generator(metrics.normalise_mri(mri, mean, std)).float()
+    return metrics.restore_pet(out, mean, std)[0]
+
+
 def generator_predictor(generator: nn.Module, device: torch.device | str = "cpu") -> Predictor:
-    """Row -> restored PET (T, d, h, w) float32: MRI normalised by its stored statistics, G, restore_pet."""
+    """Row -> restored PET (T, d, h, w) float32 on the CPU (`predict_row` in eval mode)."""
     generator.eval()
 
     def predict(row: dict[str, Any]) -> torch.Tensor:
-        mri = torch.from_numpy(np.array(row["mri"], dtype=np.uint8))[None].to(device)
-        mean = torch.tensor([float(row["mri_mean"])], dtype=torch.float32, device=device)
-        std = torch.tensor([float(row["mri_std"])], dtype=torch.float32, device=device)
-        with torch.no_grad():
-            out = generator(metrics.normalise_mri(mri, mean, std)).float()
-        return metrics.restore_pet(out, mean, std)[0].cpu()
+        return predict_row(generator, row, device).cpu()
 
     return predict
 
@@ -154,6 +159,11 @@ def positivity(composite: float, tracer: str) -> float:
     return float(composite > cut if sense == ">" else composite < cut)
 
 
+def paper_metrics(fake: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+    """psnr, ssim, rmse, psnr01, ssim01 of one subject: `metrics.evaluate` on restored PET (T, d, h, w)."""
+    return {k: float(v[0]) for k, v in metrics.evaluate(fake[None], real[None]).items()}
+
+
 def subject_metrics(fake: torch.Tensor, real: torch.Tensor, mask: np.ndarray, tracer: str,
                     labels: np.ndarray | None = None) -> dict[str, float]:
     """Every metric of one subject (SPEC section 9).
@@ -169,7 +179,7 @@ def subject_metrics(fake: torch.Tensor, real: torch.Tensor, mask: np.ndarray, tr
       SUVRs, positive_real / positive_fake and positivity_agreement (1 when they agree); else NaN.
     """
     real64, fake64 = real.to(torch.float64), fake.to(torch.float64)
-    out = {k: float(v[0]) for k, v in metrics.evaluate(fake64[None], real64[None]).items()}
+    out = paper_metrics(fake64, real64)
     m = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))
     fc, rc = metrics.clip_paper(fake64), metrics.clip_paper(real64)
     out["psnr_brain"] = metrics.masked_psnr(fc, rc, m, metrics.PAPER_DATA_RANGE)
@@ -208,21 +218,40 @@ class Evaluation:
     summary: dict[str, Any]
 
 
-def iter_subjects(predict: Predictor, data_dir: str, split: str, tracer: str,
-                  geometry: GeometryConfig | None = None) -> Iterator[tuple[dict[str, Any], dict[str, Any],
-                                                                            torch.Tensor]]:
-    """(subject row = ids + metrics, shard row, fake (T, d, h, w)) for every row of a split and tracer."""
-    geo = geometry or geometry_of(data_dir)
-    for row in loader.read_rows(data_dir, split, tracer, geo):
+def iter_predictions(predict: Predictor, data_dir: str, split: str, tracer: str,
+                     geometry: GeometryConfig | None = None) -> Iterator[tuple[dict[str, Any], torch.Tensor,
+                                                                               torch.Tensor]]:
+    """(shard row, real PET (T, d, h, w) float32 on the CPU, fake) for every row of a split and tracer.
+
+    With `geometry`, raises ValueError when the shards were made for another geometry.
+    """
+    for row in loader.read_rows(data_dir, split, tracer, geometry):
         fake = predict(row)
         real = torch.from_numpy(np.array(row["pet"], dtype=np.float32))
         if tuple(fake.shape) != tuple(real.shape):
             raise ValueError(f"model output shape {tuple(fake.shape)} differs from the shards' PET {tuple(real.shape)}")
+        yield row, real, fake
+
+
+def iter_subjects(predict: Predictor, data_dir: str, split: str, tracer: str,
+                  geometry: GeometryConfig | None = None) -> Iterator[tuple[dict[str, Any], dict[str, Any],
+                                                                            torch.Tensor, torch.Tensor]]:
+    """(subject row = ids + metrics, shard row, real, fake (T, d, h, w)) for every row of a split and tracer."""
+    geo = geometry or geometry_of(data_dir)
+    for row, real, fake in iter_predictions(predict, data_dir, split, tracer, geo):
         mask, source = brain_mask(row, geo)
         values = subject_metrics(fake, real, mask, tracer, _pet_grid(row, "labels", geo))
         ids = {"subject": row.get("subject", ""), "pet_image_id": row.get("pet_image_id", ""), "tracer": tracer,
                "split": split, "mask_source": source}
-        yield {**ids, **values}, row, fake
+        yield {**ids, **values}, row, real, fake
+
+
+def write_figures(row: dict[str, Any], real: torch.Tensor, fake: torch.Tensor, figures: Path) -> None:
+    """Montage and histogram PNGs (`figures`/montage.png, histogram.png) of one row's real vs generated PET."""
+    figures.mkdir(parents=True, exist_ok=True)
+    real_np, fake_np = real.cpu().numpy(), fake.cpu().numpy()
+    montage_png(np.asarray(row["mri"])[0], real_np, fake_np, figures / "montage.png")
+    histogram_png(real_np, fake_np, figures / "histogram.png")
 
 
 def summarise(subjects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -239,17 +268,36 @@ def evaluate_split(predict: Predictor, data_dir: str, split: str, tracer: str,
                    geometry: GeometryConfig | None = None, figures: Path | None = None) -> Evaluation:
     """Evaluate `predict` on every row of a split and tracer; optionally montage + histogram of the first row."""
     subjects: list[dict[str, Any]] = []
-    for i, (values, row, fake) in enumerate(iter_subjects(predict, data_dir, split, tracer, geometry)):
+    for i, (values, row, real, fake) in enumerate(iter_subjects(predict, data_dir, split, tracer, geometry)):
         subjects.append(values)
         if figures is not None and i == 0:
-            from ganbert.figures import histogram_png, montage_png
-
-            real = np.asarray(row["pet"], np.float32)
-            montage_png(np.asarray(row["mri"])[0], real, fake.numpy(), figures / "montage.png")
-            histogram_png(real, fake.numpy(), figures / "histogram.png")
+            write_figures(row, real, fake, figures)
     if not subjects:
         raise ValueError(f"split {split!r}: no rows for tracer {tracer} in {data_dir}")
     return Evaluation(subjects, summarise(subjects))
+
+
+@torch.no_grad()
+def validate(generator: nn.Module, data_dir: str, tracer: str, device: torch.device,
+             figures: Path | None = None, split: str = "val") -> dict[str, float]:
+    """Mean PSNR/SSIM/RMSE of a split (restored PET units, paper range) and on [0,1], keys `<split>_psnr` ...
+
+    The per-epoch check of a training run: `paper_metrics` on `device`, the generator left in train mode.
+    Optionally writes the montage and histogram PNGs of the split's first row into `figures`.
+    """
+    generator.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for row, real, fake in iter_predictions(lambda r: predict_row(generator, r, device), data_dir, split, tracer):
+        for key, value in paper_metrics(fake, real.to(device)).items():
+            sums[key] = sums.get(key, 0.0) + value
+        if figures is not None and n == 0:
+            write_figures(row, real, fake, figures)
+        n += 1
+    generator.train()
+    if n == 0:
+        raise ValueError(f"no {split} rows for tracer {tracer} in {data_dir}")
+    return {f"{split}_{k}": v / n for k, v in sums.items()}
 
 
 def _json_value(v: Any) -> Any:
@@ -287,7 +335,8 @@ def tracer_for(data_dir: str, split: str, tracer: str | None) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """`ganbert evaluate (--model URI_OR_DIR | --baseline mean-pet) --data SHARDS --split test --out DIR`."""
-    from ganbert.synthesize import device, load_model
+    from ganbert.mlflow_model import load_model
+    from ganbert.train.device import pick_device
 
     if bool(args.model) == bool(args.baseline):
         raise ValueError("--model / --baseline: give exactly one")
@@ -298,7 +347,7 @@ def main(args: argparse.Namespace) -> int:
     if args.model:
         generator, cfg = load_model(args.model, args.tracking_uri)
         tracer = args.tracer or cfg.geometry.tracer
-        predict, name = generator_predictor(generator, device()), cfg.model.method
+        predict, name = generator_predictor(generator, pick_device()), cfg.model.method
     else:
         if args.baseline not in BASELINES:
             raise ValueError(f"--baseline must be one of {BASELINES}, got {args.baseline!r}")

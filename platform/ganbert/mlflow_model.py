@@ -160,3 +160,12 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | Path
     found = _artifact_subdir(Path(downloaded))
     _check_model_dir(found)
     return found
+
+
+def load_model(model: str, tracking_uri: str | None = None) -> tuple[Any, Any]:
+    """(generator in eval mode on CUDA when present else CPU, its Config) from a model folder or an MLflow URI."""
+    from ganbert.train.checkpoint import load_generator
+    from ganbert.train.device import pick_device
+
+    with tempfile.TemporaryDirectory(prefix="ganbert-model-") as tmp:
+        return load_generator(resolve_model_dir(model, tracking_uri, dst=tmp), pick_device())

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +38,8 @@ from ganbert.data import dicom
 from ganbert.data.nifti import VolumeError, is_nifti_name
 from ganbert.data.grid import conform_mri, pet_affine
 from ganbert.metrics import mri_stats, normalise_mri, restore_pet
-from ganbert.mlflow_model import resolve_model_dir
+from ganbert.mlflow_model import load_model
 from ganbert.progress import Progress
-from ganbert.train.checkpoint import load_generator
 
 OUTPUT_SUFFIX = "_pet.nii.gz"
 REPORT = "synthesis.csv"
@@ -65,11 +63,6 @@ class Result:
 
 
 # --- one volume -----------------------------------------------------------------------------------
-
-def device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def generate_pet(generator: nn.Module, mri: np.ndarray, cfg: Config) -> np.ndarray:
     """Conformed uint8 MRI (D, H, W) -> float32 PET (T, d, h, w) in original PET units.
@@ -194,13 +187,6 @@ def output_for(mri_path: Path, out: Path) -> Path:
     if not is_nifti_name(out.name):
         raise ValueError(f"--out {out}: must end in .nii or .nii.gz (or be an existing folder)")
     return out
-
-
-def load_model(model: str, tracking_uri: str | None = None) -> tuple[nn.Module, Config]:
-    """Generator (eval mode, on `device()`) and config from a model folder or an MLflow model URI."""
-    with tempfile.TemporaryDirectory(prefix="ganbert-model-") as tmp:
-        model_dir = resolve_model_dir(model, tracking_uri, dst=tmp)
-        return load_generator(model_dir, device())
 
 
 # --- a folder on Ray Data -------------------------------------------------------------------------

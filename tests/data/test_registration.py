@@ -9,8 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ganbert.data import adni, loader, phantom, preprocess, registration
-from ganbert.data.nifti import read_volume
+from ganbert.data import loader, phantom, preprocess, registration
 
 
 @pytest.fixture(scope="module")

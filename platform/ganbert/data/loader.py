@@ -32,21 +32,40 @@ def _manifest(data_dir: Path | str, geometry: GeometryConfig | None = None) -> d
 READ_CPUS = 0.0
 
 
-def shard_paths(data_dir: Path | str, split: str, tracer: str | None = None,
-                geometry: GeometryConfig | None = None) -> list[Path]:
-    """Shard files of a split (and tracer) in manifest order; ValueError when there are none."""
-    manifest = _manifest(data_dir, geometry)
+def _entries(manifest: dict[str, Any], data_dir: Path | str, split: str, tracer: str | None) -> list[dict[str, Any]]:
+    """Shard entries of a split (and tracer) in manifest order; ValueError when there are none."""
     entries = shards.shards_for(manifest, split, tracer)
     if not entries:
         have = sorted({(s["split"], s["tracer"]) for s in manifest["shards"]})
         raise ValueError(f"split {split!r}" + (f" tracer {tracer!r}" if tracer else "") +
                          f": no rows in {data_dir} (present: {have})")
-    return [Path(data_dir) / s["file"] for s in entries]
+    return entries
+
+
+def shard_paths(data_dir: Path | str, split: str, tracer: str | None = None,
+                geometry: GeometryConfig | None = None) -> list[Path]:
+    """Shard files of a split (and tracer) in manifest order; ValueError when there are none."""
+    return [Path(data_dir) / s["file"] for s in _entries(_manifest(data_dir, geometry), data_dir, split, tracer)]
+
+
+def checked_manifest(data_dir: Path | str, splits: tuple[str, ...], tracer: str | None = None,
+                     geometry: GeometryConfig | None = None) -> dict[str, Any]:
+    """The manifest of `data_dir`, read once; ValueError when the shards were made for another `geometry` or
+    one of `splits` has no rows (of `tracer`)."""
+    manifest = _manifest(data_dir, geometry)
+    for split in splits:
+        _entries(manifest, data_dir, split, tracer)
+    return manifest
+
+
+def rows_in(manifest: dict[str, Any], split: str, tracer: str | None = None) -> int:
+    """Rows of a split (and tracer) as a manifest lists them."""
+    return sum(s["rows"] for s in shards.shards_for(manifest, split, tracer))
 
 
 def count_rows(data_dir: Path | str, split: str, tracer: str | None = None) -> int:
     """Rows of a split (and tracer), from the manifest."""
-    return sum(s["rows"] for s in shards.shards_for(shards.read_manifest(data_dir), split, tracer))
+    return rows_in(shards.read_manifest(data_dir), split, tracer)
 
 
 def _open(path: str) -> Any:

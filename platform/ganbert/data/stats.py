@@ -11,9 +11,10 @@ existed, or a run at another `sequence.length`, compute them at start (one pass 
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 from ganbert.config import TRACERS, Config, apply
 from ganbert.data import loader, shards
 from ganbert.metrics import normalise_mri, normalise_pet
-from ganbert.sequence import calibrated_range, summarise
+from ganbert.sequence import Vocabulary, calibrated_range, summarise
 
 QUANTILES = (0.0, 0.001, 0.01, 0.5, 0.99, 0.999, 1.0)
 KEY = "train_stats"
@@ -54,9 +55,10 @@ def tracer_stats(data_dir: Path | str, tracer: str, length: int) -> dict[str, An
     "pet_mean_volume" (float32 `(T, d, h, w)`, normalised units) is the voxelwise mean training PET; the
     rest is JSON-able.
     """
-    mri_parts, pet_parts, total, total_sq, count, volume = [], [], 0.0, 0.0, 0, None
+    mri_parts, pet_parts, total, total_sq, count, volume, shape = [], [], 0.0, 0.0, 0, None, ()
     for row in loader.read_rows(data_dir, "train", tracer):
         mri, pet, voxels = row_summaries(row, length)
+        shape = np.asarray(row["pet"]).shape
         mri_parts.append(mri)
         pet_parts.append(pet)
         total, total_sq, count = total + float(voxels.sum()), total_sq + float(np.square(voxels).sum()), count + voxels.size
@@ -64,7 +66,6 @@ def tracer_stats(data_dir: Path | str, tracer: str, length: int) -> dict[str, An
     if not mri_parts or volume is None:
         return None
     mean = total / count
-    shape = np.asarray(next(loader.read_rows(data_dir, "train", tracer))["pet"]).shape
 
     def quantiles(parts: list[np.ndarray]) -> dict[str, float]:
         values = np.concatenate(parts)
@@ -102,10 +103,10 @@ def record(data_dir: Path | str, manifest: dict[str, Any], length: int) -> None:
     shards.save_manifest(Path(data_dir), manifest)
 
 
-def for_run(data_dir: Path | str, tracer: str, length: int) -> dict[str, Any]:
-    """A tracer's statistics (with its mean PET volume): from the manifest when recorded at this length,
-    else computed now."""
-    manifest = shards.read_manifest(data_dir)
+def for_run(data_dir: Path | str, tracer: str, length: int, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A tracer's statistics (with its mean PET volume): from the manifest (`manifest`, else read from
+    `data_dir`) when recorded at this length, else computed now in one pass over the training rows (logged)."""
+    manifest = shards.read_manifest(data_dir) if manifest is None else manifest
     recorded = manifest.get(KEY, {}).get(tracer)
     volumes = Path(data_dir) / VOLUMES
     if recorded is not None and recorded["length"] == length and volumes.is_file():
@@ -127,3 +128,40 @@ def calibrate(cfg: Config, tracer_stats_: dict[str, Any]) -> Config:
         if tuple(getattr(s, f"{seg}_range")) == (0.0, 0.0):
             updates[f"sequence.{seg}_range"] = calibrated_range(tracer_stats_[seg])
     return apply(cfg, updates) if updates else cfg
+
+
+def calibrated(cfg: Config, data_dir: str, manifest: dict[str, Any] | None = None) -> tuple[Config, dict[str, Any]]:
+    """The run config with its token space calibrated from the training split, and the split's statistics
+    (`for_run`: from `manifest` when it holds them)."""
+    found = for_run(data_dir, cfg.geometry.tracer, cfg.sequence.length, manifest)
+    return calibrate(cfg, found), found
+
+
+def normalised_train_pet(data_dir: str, tracer: str, rows: int | None = None) -> Iterator[torch.Tensor]:
+    """The training PET volumes `(T, d, h, w)` of a tracer (first `rows`), float64, normalised by MRI stats."""
+    count = 0
+    for row in itertools.islice(loader.read_rows(data_dir, "train", tracer), rows):
+        pet = torch.from_numpy(np.array(row["pet"], dtype=np.float64))[None]
+        yield normalise_pet(pet, torch.tensor([row["mri_mean"]]), torch.tensor([row["mri_std"]]))[0]
+        count += 1
+    if count == 0:
+        raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
+
+
+def token_health(cfg: Config, data_dir: str, split: str = "val") -> dict[str, float]:
+    """Token health of a split's real summaries under the run's (calibrated) token space, as MLflow metrics.
+
+    `token_{mri,pet}_collide_or_clip`: share of summary values whose ids collide (paper scheme) or clip
+    (monotonic); `token_{mri,pet}_distinct`: distinct value ids used.
+    """
+    vocab = Vocabulary(cfg.sequence)
+    parts: dict[str, list[np.ndarray]] = {"mri": [], "pet": []}
+    for row in loader.read_rows(data_dir, split, cfg.geometry.tracer):
+        mri, pet, _ = row_summaries(row, cfg.sequence.length)
+        parts["mri"].append(mri)
+        parts["pet"].append(pet)
+    out = {}
+    for seg, values in parts.items():
+        for key, value in vocab.health(torch.from_numpy(np.concatenate(values)), seg).items():
+            out[f"token_{seg}_{key}"] = value
+    return out

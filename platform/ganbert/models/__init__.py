@@ -10,6 +10,7 @@ from ganbert.config import Config
 from ganbert.models.bert_disc import BertDiscriminator
 from ganbert.models.cnn_disc import PatchGAN3D
 from ganbert.models.unet3d import UNet3D
+from ganbert.sequence import Vocabulary
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,17 @@ def pet_fov_ratio(cfg: Config) -> tuple[float, float, float]:
 
 
 def build_generator(cfg: Config) -> UNet3D:
+    """The U-Net generator of the config's geometry, sequence length, model sizes and method head."""
     g, m = cfg.geometry, cfg.model
     return UNet3D(g.mri_size[0], g.pet_size, g.pet_frames, cfg.sequence.length, m.base_channels, m.max_channels,
                   METHODS[m.method].head, cfg.optim.checkpointing, pet_fov_ratio(cfg))
+
+
+def build_bert(cfg: Config) -> BertDiscriminator:
+    """The BERT discriminator of the config's model sizes over its token space (BERT-base at the paper preset)."""
+    m = cfg.model
+    return BertDiscriminator(Vocabulary(cfg.sequence), m.bert_hidden, m.bert_layers, m.bert_heads, m.bert_intermediate,
+                             m.bert_max_positions, checkpointing=cfg.optim.checkpointing)
 
 
 def build_networks(cfg: Config) -> Networks:
@@ -64,7 +73,7 @@ def build_networks(cfg: Config) -> Networks:
     use_cnn = method.cnn and o.lambda_cnn > 0
     return Networks(
         generator=build_generator(cfg),
-        bert=BertDiscriminator(cfg) if use_bert else None,
+        bert=build_bert(cfg) if use_bert else None,
         cnn=(PatchGAN3D(cfg.geometry.pet_frames, cfg.model.cnn_channels, cfg.model.cnn_layers, pet_fov_ratio(cfg))
              if use_cnn else None),
     )

@@ -6,7 +6,6 @@ Rerunning the same command (same run.name and run.storage) resumes from the last
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
@@ -23,14 +22,13 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ganbert import home, metrics
+from ganbert import home
 from ganbert.config import Config, from_dict
 from ganbert.data import loader, stats
-from ganbert.figures import histogram_png, montage_png
+from ganbert.evaluate import validate
 from ganbert.model_files import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
 from ganbert.models import Networks, build_networks
 from ganbert.raysession import ensure_ray
-from ganbert.sequence import Vocabulary
 from ganbert.tracking import MLflowTracker, Tracker, end_open_run, make_tracker
 from ganbert.train.checkpoint import load_generator, load_state, save_model_dir, save_state
 from ganbert.train.device import place_networks
@@ -82,35 +80,6 @@ def _maybe_fault(spec: str | None, epoch: int, step: int, rank: int) -> None:
     if (int(e), int(s), int(r)) == (epoch, step, rank) and not Path(marker).exists():
         Path(marker).write_text(f"killed rank {rank} at epoch {epoch} step {step}\n")
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-@torch.no_grad()
-def validate(cfg: Config, generator: torch.nn.Module, data_dir: str, device: torch.device,
-             figures: Path | None = None, split: str = "val") -> dict[str, float]:
-    """Mean PSNR/SSIM/RMSE of a split (restored PET units, paper range) and on [0,1], keys `<split>_psnr` ...
-
-    Optionally writes the montage and histogram PNGs of the split's first row into `figures`.
-    """
-    generator.eval()
-    sums: dict[str, float] = {}
-    n = 0
-    for row in loader.read_rows(data_dir, split, cfg.geometry.tracer):
-        raw = {"mri": torch.from_numpy(np.array(row["mri"]))[None], "pet": torch.from_numpy(np.array(row["pet"]))[None],
-               "mri_mean": torch.tensor([row["mri_mean"]]), "mri_std": torch.tensor([row["mri_std"]])}
-        batch = to_batch(raw, device)
-        fake = metrics.restore_pet(generator(batch.mri).float(), raw["mri_mean"].to(device), raw["mri_std"].to(device))
-        real = raw["pet"].to(device, torch.float32)
-        for key, value in metrics.evaluate(fake, real).items():
-            sums[key] = sums.get(key, 0.0) + float(value.sum())
-        if figures is not None and n == 0:
-            figures.mkdir(parents=True, exist_ok=True)
-            montage_png(np.asarray(row["mri"])[0], real[0].cpu().numpy(), fake[0].cpu().numpy(), figures / "montage.png")
-            histogram_png(real[0].cpu().numpy(), fake[0].cpu().numpy(), figures / "histogram.png")
-        n += 1
-    generator.train()
-    if n == 0:
-        raise ValueError(f"no {split} rows for tracer {cfg.geometry.tracer} in {data_dir}")
-    return {f"{split}_{k}": v / n for k, v in sums.items()}
 
 
 def training_state(cfg: Config, device: torch.device, total_steps: int, checkpoint_dir: Path | None,
@@ -187,7 +156,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             if rank == 0:
                 figures = Path(tmp) / "figures"
                 # the plain module: a DDP forward would sync buffers with ranks that are not validating
-                report.update(validate(cfg, unwrap(nets.generator), loop_cfg["data_dir"], device, figures))
+                report.update(validate(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures))
                 meta = {"epoch": epoch, "step": step, "mlflow_run_id": tracker.run_id, "val_psnr": report["val_psnr"]}
                 save_state(Path(tmp) / "state", cfg, nets, opt, meta)
                 tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
@@ -205,53 +174,29 @@ def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
     return {a: (b / max(count, 1) if a != "lr" else b) for a, b in sums.items()}
 
 
-def normalised_train_pet(data_dir: str, tracer: str, rows: int | None = None) -> Iterator[torch.Tensor]:
-    """The training PET volumes `(T, d, h, w)` of a tracer (first `rows`), float64, normalised by MRI stats."""
-    count = 0
-    for row in itertools.islice(loader.read_rows(data_dir, "train", tracer), rows):
-        pet = torch.from_numpy(np.array(row["pet"], dtype=np.float64))[None]
-        yield metrics.normalise_pet(pet, torch.tensor([row["mri_mean"]]), torch.tensor([row["mri_std"]]))[0]
-        count += 1
-    if count == 0:
-        raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
+def loop_config(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
+                tags: dict[str, str] | None = None) -> tuple[Config, dict[str, Any]]:
+    """(the run config with its token space calibrated, the workers' `train_loop_config`) of one run.
 
-
-def token_health(cfg: Config, data_dir: str, split: str = "val") -> dict[str, float]:
-    """Token health of a split's real summaries under the run's (calibrated) token space, as MLflow metrics.
-
-    `token_{mri,pet}_collide_or_clip`: share of summary values whose ids collide (paper scheme) or clip
-    (monotonic); `token_{mri,pet}_distinct`: distinct value ids used.
+    The shards' manifest is read once: it fails early on a wrong geometry or a missing split, and gives the
+    training statistics (`stats.for_run`: token calibration, PET level and mean volume; computed in one logged
+    pass over the training rows only for shards that lack them) and the training row count. The val split's
+    token health reads its rows once (its summaries are not recorded at preprocessing).
     """
-    vocab = Vocabulary(cfg.sequence)
-    parts: dict[str, list[np.ndarray]] = {"mri": [], "pet": []}
-    for row in loader.read_rows(data_dir, split, cfg.geometry.tracer):
-        mri, pet, _ = stats.row_summaries(row, cfg.sequence.length)
-        parts["mri"].append(mri)
-        parts["pet"].append(pet)
-    out = {}
-    for seg, values in parts.items():
-        for key, value in vocab.health(torch.from_numpy(np.concatenate(values)), seg).items():
-            out[f"token_{seg}_{key}"] = value
-    return out
-
-
-def calibrated(cfg: Config, data_dir: str) -> tuple[Config, dict[str, Any]]:
-    """The run config with its token space calibrated from the training split, and the split's statistics."""
-    found = stats.for_run(data_dir, cfg.geometry.tracer, cfg.sequence.length)
-    return stats.calibrate(cfg, found), found
+    tracer = cfg.geometry.tracer
+    manifest = loader.checked_manifest(data_dir, ("train", "val"), tracer, cfg.geometry)
+    cfg, found = stats.calibrated(cfg, data_dir, manifest)
+    return cfg, {"config": cfg.to_dict(), "data_dir": home.resolve(data_dir), "tracking_uri": tracking_uri,
+                 "steps_per_epoch": steps_per_epoch(cfg, loader.rows_in(manifest, "train", tracer)),
+                 "pet_stats": (found["pet_mean_volume"], found["pet_std"]),
+                 "token_health": stats.token_health(cfg, data_dir),
+                 "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV)}
 
 
 def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
                 tags: dict[str, str] | None = None, callbacks: list[Any] | None = None) -> ray.train.torch.TorchTrainer:
     """The `TorchTrainer` of one run: datasets from the shards, best-by-val-PSNR checkpoints, retries."""
-    tracer, g = cfg.geometry.tracer, cfg.geometry
-    loader.shard_paths(data_dir, "train", tracer, g)  # fail early: wrong geometry, or a split missing
-    loader.shard_paths(data_dir, "val", tracer, g)
-    cfg, found = calibrated(cfg, data_dir)
-    loop_cfg = {"config": cfg.to_dict(), "data_dir": home.resolve(data_dir), "tracking_uri": tracking_uri,
-                "steps_per_epoch": steps_per_epoch(cfg, loader.count_rows(data_dir, "train", tracer)),
-                "pet_stats": (found["pet_mean_volume"], found["pet_std"]), "token_health": token_health(cfg, data_dir),
-                "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV)}
+    cfg, loop_cfg = loop_config(cfg, data_dir, tracking_uri, parent_run_id, tags)
     storage = home.resolve(cfg.run.storage)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
