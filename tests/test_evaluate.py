@@ -180,3 +180,19 @@ def test_evaluate_cli_model_and_baseline(tiny_shards: str, tmp_path: Path) -> No
     assert cli_main(["evaluate", "--baseline", "mean-pet", "--data", tiny_shards, "--out", str(tmp_path / "x")]) == 2
     assert cli_main(["evaluate", "--baseline", "mean-pet", "--data", tiny_shards, "--tracer", "AV45",
                      "--out", str(out_b), "--overwrite"]) == 0
+
+
+def test_mean_pet_baseline_reads_the_volume_recorded_at_preprocessing(tiny_shards: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baseline is the recorded mean normalised training PET: no training row is read, and it equals the mean
+    streamed from the rows (float32 rounding of a float64 mean)."""
+    from ganbert import evaluate
+    from ganbert.data import stats
+
+    streamed = torch.stack(list(stats.normalised_train_pet(tiny_shards, "AV45"))).mean(0).float()
+
+    def no_rows(*args: object, **kwargs: object) -> None:
+        raise AssertionError("mean_pet read the training rows")
+
+    monkeypatch.setattr(stats, "normalised_train_pet", no_rows)
+    torch.testing.assert_close(evaluate.mean_pet(tiny_shards, "AV45").mean, streamed, rtol=1e-6, atol=1e-6)

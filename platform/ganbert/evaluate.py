@@ -61,7 +61,11 @@ class MeanPET(nn.Module):
 
 
 def mean_pet(data_dir: str, tracer: str) -> MeanPET:
-    """Streamed mean of the normalised training PET volumes of a tracer (restored per subject like G's output)."""
+    """The mean normalised training PET of a tracer (restored per subject like G's output): recorded at
+    preprocessing (`stats.record`), else streamed from the training rows of older shards."""
+    volume = stats.recorded_mean_volume(data_dir, tracer)
+    if volume is not None:
+        return MeanPET(torch.from_numpy(np.asarray(volume)).float())
     total, n = None, 0
     for norm in stats.normalised_train_pet(data_dir, tracer):
         total = norm if total is None else total + norm

@@ -141,7 +141,8 @@ def collection_csvs(root: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
-def _natural(name: str) -> list[object]:
+def natural(name: str) -> list[object]:
+    """Sort key that orders digit runs by value: I2 before I10."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
@@ -243,7 +244,7 @@ def _resolve_files(root: Path, row: _Row, tree: dict[str, list[Path]]) -> tuple[
         if not target.exists():
             return issue(given, f"missing file: Path {given!r} does not exist")
         folder = target if target.is_dir() else None
-        candidates = [target] if folder is None else sorted(folder.iterdir(), key=lambda p: _natural(p.name))
+        candidates = [target] if folder is None else sorted(folder.iterdir(), key=lambda p: natural(p.name))
     else:
         folders = tree.get(image_id, [])
         if not folders:
@@ -257,7 +258,7 @@ def _resolve_files(root: Path, row: _Row, tree: dict[str, list[Path]]) -> tuple[
             return issue(_rel(root, folder), f"image folder is under subject {owner}, the CSV says {subject}")
         if not inside(root, folder):
             return issue(_rel(root, folder), "image folder resolves outside the download root (symlink)")
-        candidates = sorted(folder.iterdir(), key=lambda p: _natural(p.name))
+        candidates = sorted(folder.iterdir(), key=lambda p: natural(p.name))
     files = [p for p in candidates if p.is_file() and not p.name.startswith(".") and is_nifti_name(p.name)]
     where = _rel(root, folder) if folder is not None else given
     if not files:  # a DICOM series: the folder (or the one enhanced multi-frame file named by Path) is the image
@@ -310,7 +311,7 @@ def ingest(root: Path, window_days: int = 365, min_frames: int = 1, check_header
             by_id[row.values["Image Data ID"]].append(row)
     tree = index_tree(root)
     scans: list[Scan] = []
-    for image_id in sorted(by_id, key=_natural):
+    for image_id in sorted(by_id, key=natural):
         group_rows = by_id[image_id]
         if len({_content(r) for r in group_rows}) > 1:
             where = ", ".join(r.source for r in group_rows)
@@ -377,9 +378,9 @@ def pair_scans(scans: Sequence[Scan], window_days: int) -> tuple[list[Pair], lis
     pairs: list[Pair] = []
     unpaired: list[Issue] = []
     used: set[str] = set()
-    for pet in sorted((s for s in scans if s.kind == "PET"), key=lambda s: (s.subject, s.tracer, _natural(s.image_id))):
+    for pet in sorted((s for s in scans if s.kind == "PET"), key=lambda s: (s.subject, s.tracer, natural(s.image_id))):
         options = sorted(t1s.get(pet.subject, []),
-                         key=lambda m: (abs((pet.acq_date - m.acq_date).days), m.acq_date, _natural(m.image_id)))
+                         key=lambda m: (abs((pet.acq_date - m.acq_date).days), m.acq_date, natural(m.image_id)))
         if not options:
             unpaired.append(Issue(pet.files[0], pet.image_id, pet.subject, "pair", "subject has no usable T1"))
             continue

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import fcntl
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -68,10 +67,6 @@ def _geometry(record: dict[str, Any]) -> GeometryConfig:
 
 
 # --- the pipeline ---------------------------------------------------------------------------------
-
-def _natural(text: str) -> list[object]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
 
 def _run_jobs(jobs: list[dict[str, Any]], root: Path, geometry: GeometryConfig,
               num_cpus: int | None) -> Iterator[dict[str, Any]]:
@@ -125,7 +120,7 @@ def fallback_t1(pet: adni.Scan, scans: list[adni.Scan], window_days: int, refuse
     """The subject's next-nearest T1 within the window for `pet`, skipping T1 image ids in `refused`."""
     options = sorted((m for m in scans if m.kind == "T1" and m.subject == pet.subject and m.image_id not in refused
                       and abs((pet.acq_date - m.acq_date).days) <= window_days),
-                     key=lambda m: (abs((pet.acq_date - m.acq_date).days), m.acq_date, _natural(m.image_id)))
+                     key=lambda m: (abs((pet.acq_date - m.acq_date).days), m.acq_date, adni.natural(m.image_id)))
     return options[0] if options else None
 
 
@@ -143,7 +138,7 @@ def pairs_in_shards(manifest: dict[str, Any], scans: list[adni.Scan]) -> list[ad
         pet, mri = by_id.get(row["pet_image_id"]), by_id.get(row["mri_image_id"])
         if pet is not None and mri is not None:
             pairs.append(adni.Pair(pet=pet, mri=mri, days_apart=int(row["days_apart"])))
-    return sorted(pairs, key=lambda p: (p.subject, p.tracer, _natural(p.pet.image_id)))
+    return sorted(pairs, key=lambda p: (p.subject, p.tracer, adni.natural(p.pet.image_id)))
 
 
 def run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb: float = shards.DEFAULT_SHARD_MB,
@@ -193,7 +188,7 @@ def _run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb:
                    for p in ingest.pairs if p.pet.image_id not in done),
                   # within a (split, tracer) group, rows follow a hash of the subject id: sites and groups are mixed
                   key=lambda j: (SPLIT_ORDER[j["split"]], j["tracer"], subject_hash(j["subject"]),
-                                 _natural(j["pet_image_id"])))
+                                 adni.natural(j["pet_image_id"])))
     rejected, unpaired = list(ingest.rejected), list(ingest.unpaired)
     writer = shards.ShardWriter(out, geometry, manifest, shard_mb)
     mri_shape, pet_shape = shards.mri_shape(geometry), shards.pet_shape(geometry)

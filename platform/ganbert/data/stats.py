@@ -108,17 +108,25 @@ def for_run(data_dir: Path | str, tracer: str, length: int, manifest: dict[str, 
     `data_dir`) when recorded at this length, else computed now in one pass over the training rows (logged)."""
     manifest = shards.read_manifest(data_dir) if manifest is None else manifest
     recorded = manifest.get(KEY, {}).get(tracer)
-    volumes = Path(data_dir) / VOLUMES
-    if recorded is not None and recorded["length"] == length and volumes.is_file():
-        with safe_open(str(volumes), framework="np") as f:
-            if tracer in f.keys():
-                return recorded | {"pet_mean_volume": f.get_tensor(tracer)}
+    if recorded is not None and recorded["length"] == length:
+        volume = recorded_mean_volume(data_dir, tracer)
+        if volume is not None:
+            return recorded | {"pet_mean_volume": volume}
     found = tracer_stats(data_dir, tracer, length)
     if found is None:
         raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
     print(f"[stats] {data_dir}: no {KEY} for {tracer} at sequence.length={length} in the manifest; "
           f"computed from {found['rows']} training rows", flush=True)
     return found
+
+
+def recorded_mean_volume(data_dir: Path | str, tracer: str) -> np.ndarray | None:
+    """The mean normalised training PET `(T, d, h, w)` of a tracer saved at preprocessing, or None if absent."""
+    volumes = Path(data_dir) / VOLUMES
+    if not volumes.is_file():
+        return None
+    with safe_open(str(volumes), framework="np") as f:
+        return f.get_tensor(tracer) if tracer in f.keys() else None
 
 
 def calibrate(cfg: Config, tracer_stats_: dict[str, Any]) -> Config:
