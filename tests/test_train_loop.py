@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -121,6 +122,11 @@ def test_run_inputs_come_from_the_manifest_without_reading_training_rows(tiny_sh
     assert loop_cfg["steps_per_epoch"] == loop.steps_per_epoch(cfg, count_rows(tiny_shards, "train", "AV45"))
     assert set(loop_cfg["token_health"]) == {f"token_{s}_{k}" for s in ("mri", "pet")
                                              for k in ("collide_or_clip", "distinct")}
+    # the same run inputs when --data is a URI (file:// here; s3:// and gs:// go through the same pyarrow.fs call)
+    uri_cfg, uri_loop = loop.loop_config(config.tiny(), "file://" + tiny_shards, "sqlite:///unused.db")
+    assert uri_cfg == cfg and uri_loop["data_dir"] == "file://" + tiny_shards
+    assert uri_loop["steps_per_epoch"] == loop_cfg["steps_per_epoch"]
+    np.testing.assert_array_equal(uri_loop["pet_stats"][0], loop_cfg["pet_stats"][0])
 
 
 def test_shards_without_statistics_compute_them_once_and_say_so(tiny_shards: str, tmp_path: Path,

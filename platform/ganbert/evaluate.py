@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from ganbert import metrics
+from ganbert import home, metrics
 from ganbert.atomic import write_csv, write_text
 from ganbert.config import GeometryConfig
 from ganbert.data import loader, shards, stats
@@ -346,7 +346,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--model / --baseline: give exactly one")
     out = Path(args.out).resolve()
     check_out(out, args.overwrite)
-    data_dir = str(Path(args.data).resolve())
+    data_dir = home.resolve(args.data)  # a path, or a URI pyarrow reads (s3://, gs://)
     geo = geometry_of(data_dir)
     if args.model:
         generator, cfg = load_model(args.model, args.tracking_uri)

@@ -129,3 +129,25 @@ def test_ray_train_worker_reads_its_shard(tiny_run, tmp_path: Path) -> None:
     assert len(expected) == 4
     assert sorted(epochs[0]) == expected and sorted(epochs[1]) == expected
     assert epochs[0] == epochs[2]  # the seed fixes the order on the worker too
+
+
+def test_data_given_as_a_uri_reads_what_the_local_path_reads(tiny_run, tmp_path: Path) -> None:
+    """`--data` as a URI (file:// here; s3:// and gs:// take the same pyarrow.fs.FileSystem.from_uri path): the
+    manifest, recorded statistics, plain rows and a Ray Data epoch permutation equal the local path's."""
+    from ganbert.data import stats
+
+    local = str(tiny_run.out)
+    uri = "file://" + local
+    assert shards.read_manifest(uri) == shards.read_manifest(local)
+    assert all(p.startswith(uri + "/") for p in loader.shard_paths(uri, "train"))
+    assert [r["pet_image_id"] for r in loader.read_rows(uri, "val")] == \
+        [r["pet_image_id"] for r in loader.read_rows(local, "val")]
+    np.testing.assert_array_equal(stats.recorded_mean_volume(uri, "AV45"), stats.recorded_mean_volume(local, "AV45"))
+
+    def order(data: str) -> list[str]:
+        ds = loader.epoch_dataset(data, "train", None, seed=3, epoch=1)
+        return [pid for b in loader.torch_batches(ds, 2) for pid in b["pet_image_id"]]
+
+    assert order(uri) == order(local)
+    with pytest.raises(ValueError, match="no manifest.json"):
+        shards.read_manifest("file://" + str(tmp_path / "absent"))

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ganbert import home
 from ganbert.config import GeometryConfig
 from ganbert.data import shards
 from ganbert.data.datacontext import quiet_data_context
@@ -43,9 +44,11 @@ def _entries(manifest: dict[str, Any], data_dir: Path | str, split: str, tracer:
 
 
 def shard_paths(data_dir: Path | str, split: str, tracer: str | None = None,
-                geometry: GeometryConfig | None = None) -> list[Path]:
-    """Shard files of a split (and tracer) in manifest order; ValueError when there are none."""
-    return [Path(data_dir) / s["file"] for s in _entries(_manifest(data_dir, geometry), data_dir, split, tracer)]
+                geometry: GeometryConfig | None = None) -> list[str]:
+    """Shard files (paths, or URIs under a URI `data_dir`) of a split (and tracer) in manifest order; ValueError
+    when there are none."""
+    entries = _entries(_manifest(data_dir, geometry), data_dir, split, tracer)
+    return [home.join(str(data_dir), s["file"]) for s in entries]
 
 
 def checked_manifest(data_dir: Path | str, splits: tuple[str, ...], tracer: str | None = None,
@@ -70,12 +73,8 @@ def count_rows(data_dir: Path | str, split: str, tracer: str | None = None) -> i
 
 def _open(path: str) -> Any:
     """A pyarrow input file for a local path or a URI pyarrow understands (s3://, gs://, file://, hdfs://)."""
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        fs, inner = pafs.FileSystem.from_uri(path)
-        return fs.open_input_file(inner)
-    return pafs.LocalFileSystem().open_input_file(path)
+    fs, inner = home.filesystem(str(path))
+    return fs.open_input_file(inner)  # type: ignore[attr-defined]
 
 
 def _take_rows(path: str, rows: list[int]) -> dict[int, Any]:
@@ -108,7 +107,7 @@ def split_positions(data_dir: Path | str, split: str, tracer: str | None = None,
     paths = shard_paths(data_dir, split, tracer, geometry)
     manifest = _manifest(data_dir)
     rows = {s["file"]: int(s["rows"]) for s in manifest["shards"]}
-    return [(str(p), r) for p in paths for r in range(rows[Path(p).name])]
+    return [(p, r) for p in paths for r in range(rows[p.rsplit("/", 1)[-1]])]
 
 
 def epoch_positions(positions: list[tuple[str, int]], seed: int, epoch: int, rank: int = 0,
@@ -164,7 +163,7 @@ def legacy_read_split(data_dir: Path | str, split: str, tracer: str | None = Non
     import ray
 
     paths = shard_paths(data_dir, split, tracer)
-    return ray.data.read_parquet([str(p) for p in paths], partitioning=None, shuffle=None,
+    return ray.data.read_parquet(paths, partitioning=None, shuffle=None,
                                  override_num_blocks=len(paths), num_cpus=READ_CPUS)
 
 
@@ -230,7 +229,7 @@ def read_rows(data_dir: Path | str, split: str, tracer: str | None = None,
     """
     manifest = _manifest(data_dir, geometry)
     for entry in shards.shards_for(manifest, split, tracer):
-        pf = pq.ParquetFile(Path(data_dir) / entry["file"])
+        pf = pq.ParquetFile(_open(home.join(str(data_dir), entry["file"])))
         for group in range(pf.num_row_groups):
             table = pf.read_row_group(group)
             cols = {name: table.column(name).combine_chunks() for name in table.column_names}

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ganbert import home
 from ganbert.atomic import write_text
 from ganbert.config import GeometryConfig
 
@@ -98,9 +99,12 @@ def new_manifest(geometry: GeometryConfig, settings: dict[str, Any]) -> dict[str
 
 def read_manifest(data_dir: Path | str) -> dict[str, Any]:
     """Load data_dir/manifest.json; ValueError naming the file when missing or not a shard manifest."""
-    path = Path(data_dir) / MANIFEST
+    path = home.join(str(data_dir), MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
+        text = home.read_text(path)
+        if text is None:
+            raise FileNotFoundError(path)
+        manifest = json.loads(text)
     except FileNotFoundError:
         raise ValueError(f"data_dir: no {MANIFEST} in {data_dir} (run `ganbert preprocess` first)") from None
     except (OSError, json.JSONDecodeError) as err:

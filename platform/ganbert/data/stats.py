@@ -18,9 +18,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from safetensors import safe_open
+import safetensors.numpy
 from safetensors.torch import save_file
 
+from ganbert import home
 from ganbert.config import TRACERS, Config, apply
 from ganbert.data import loader, shards
 from ganbert.metrics import normalise_mri, normalise_pet
@@ -122,11 +123,13 @@ def for_run(data_dir: Path | str, tracer: str, length: int, manifest: dict[str, 
 
 def recorded_mean_volume(data_dir: Path | str, tracer: str) -> np.ndarray | None:
     """The mean normalised training PET `(T, d, h, w)` of a tracer saved at preprocessing, or None if absent."""
-    volumes = Path(data_dir) / VOLUMES
-    if not volumes.is_file():
+    path = home.join(str(data_dir), VOLUMES)
+    if not home.exists(path):
         return None
-    with safe_open(str(volumes), framework="np") as f:
-        return f.get_tensor(tracer) if tracer in f.keys() else None
+    fs, inner = home.filesystem(path)
+    with fs.open_input_stream(inner) as f:  # type: ignore[attr-defined]
+        volumes = safetensors.numpy.load(f.read())
+    return volumes.get(tracer)
 
 
 def calibrate(cfg: Config, tracer_stats_: dict[str, Any]) -> Config:
