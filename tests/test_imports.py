@@ -31,7 +31,6 @@ def import_graph() -> dict[str, set[str]]:
                 if node.module in modules:
                     deps.add(node.module)
                 deps |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules}
-        # a package's __init__ runs before its submodules: importing a.b imports a too
         graph[name] = {d for d in deps if d != name}
     return graph
 

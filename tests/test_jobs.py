@@ -6,8 +6,6 @@ import importlib.util
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +19,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from ray_nodes import free_port, stop_session
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ("train", "tune", "preprocess", "report", "synthesize")
@@ -53,12 +53,6 @@ print("driver=" + ganbert.__file__)
 print("task=" + ray.get(where.remote()))
 print("actor=" + ray.get(Where.options(runtime_env={"env_vars": {"GANBERT_PROBE": "1"}}).remote().file.remote()))
 """
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _load_entry() -> ModuleType:
@@ -165,41 +159,6 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _session_members(sid: int) -> list[int]:
-    """PIDs whose session id is `sid` (everything `ray start` in its own session spawned, workers included)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid:
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the blocking `ray start` (it drains and stops its node), then SIGKILL stragglers of its session.
-
-    Only processes of this fixture's session are touched: no `ray stop`, which would end every Ray on the machine.
-    """
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    deadline = time.monotonic() + 10
-    while _session_members(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in _session_members(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """One node on 127.0.0.1 with every port free-picked (other Rays may run here); auth off for all its users."""
@@ -211,8 +170,8 @@ def cluster() -> Iterator[Cluster]:
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # teardown: no 30 s drain on SIGTERM
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")  # the job's `python`
-    dashboard = _free_port()
-    ports = {flag: _free_port() for flag in ("--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+    dashboard = free_port()
+    ports = {flag: free_port() for flag in ("--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                                              "--runtime-env-agent-port", "--metrics-export-port",
                                              "--ray-client-server-port", "--node-manager-port", "--object-manager-port")}
     log_path = root / "ray-start.log"
@@ -231,7 +190,7 @@ def cluster() -> Iterator[Cluster]:
             time.sleep(0.5)
         yield Cluster(address=address, env=env, root=root, proc=proc)
     finally:
-        _stop(proc)
+        stop_session(proc, 60, grace=10)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
 
@@ -309,8 +268,8 @@ def test_readme_job_lines_run_as_written(tmp_path: Path) -> None:
     assert "jobs/tune.py --space search_spaces/ablation.yaml" in submits[1]
     assert (ROOT / "search_spaces" / "ablation.yaml").is_file()
     root = Path(tempfile.mkdtemp(prefix="gbr", dir="/tmp"))  # short: Ray's unix sockets live under --temp-dir
-    dashboard = _free_port()
-    ports = " ".join(f"{flag} {_free_port()}" for flag in (
+    dashboard = free_port()
+    ports = " ".join(f"{flag} {free_port()}" for flag in (
         "--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
         "--metrics-export-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port"))
     start = (f"{lines[starts[0]]} --block --dashboard-port {dashboard} --temp-dir {root / 'ray'} {ports} "
@@ -332,7 +291,7 @@ def test_readme_job_lines_run_as_written(tmp_path: Path) -> None:
         proc.kill()
         out, _ = proc.communicate()
     finally:
-        _stop(proc)
+        stop_session(proc, 60, grace=10)
         shutil.rmtree(root / "ray", ignore_errors=True)
     log = out.decode(errors="replace")
     assert proc.returncode == 0, log[-6000:]

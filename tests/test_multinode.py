@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from ray_nodes import free_port, session_members, stop_session
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -34,46 +35,10 @@ print("RESULT " + json.dumps({"model_dir": out.model_dir, "step": out.metrics.ge
 """
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _node_ports() -> list[str]:
     flags = ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
              "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port")
-    return [str(x) for flag in flags for x in (flag, _free_port())]
-
-
-def _session_members(sid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every process whose session id is `sid`."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid:
-            found.append((int(stat.parent.name), cmd))
-    return found
-
-
-def _kill_session(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the blocking `ray start`, then SIGKILL what is left of its session (no `ray stop`: other Rays run here)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for pid, _ in _session_members(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    return [str(x) for flag in flags for x in (flag, free_port())]
 
 
 class TwoNodes:
@@ -83,16 +48,16 @@ class TwoNodes:
         self.root = root
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH", "MLFLOW_TRACKING_URI")}
         self.env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
-        self.gcs = f"127.0.0.1:{_free_port()}"
-        self.dashboard = _free_port()
+        self.gcs = f"127.0.0.1:{free_port()}"
+        self.dashboard = free_port()
         self.head = self._start(["--head", "--port", self.gcs.split(":")[1], "--dashboard-host", "127.0.0.1",
                                  "--dashboard-port", str(self.dashboard), "--temp-dir", str(root / "ray"),
-                                 "--ray-client-server-port", str(_free_port())], "head")
+                                 "--ray-client-server-port", str(free_port())], "head")
         try:
             self._wait_nodes(1)
             self.second = self.start_second()
         except BaseException:
-            _kill_session(self.head)
+            stop_session(self.head, 30)
             raise
 
     def _start(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
@@ -106,7 +71,7 @@ class TwoNodes:
         try:
             self._wait_nodes(2)
         except BaseException:
-            _kill_session(proc)
+            stop_session(proc, 30)
             raise
         return proc
 
@@ -127,15 +92,15 @@ class TwoNodes:
             time.sleep(1)
 
     def kill_second_raylet(self) -> None:
-        raylets = [pid for pid, cmd in _session_members(self.second.pid) if "/raylet" in cmd.split(" ")[0]]
-        assert raylets, _session_members(self.second.pid)
+        raylets = [pid for pid, cmd in session_members(self.second.pid) if "/raylet" in cmd.split(" ")[0]]
+        assert raylets, session_members(self.second.pid)
         for pid in raylets:
             os.kill(pid, signal.SIGKILL)
-        _kill_session(self.second)
+        stop_session(self.second, 30)
 
     def stop(self) -> None:
-        _kill_session(self.second)
-        _kill_session(self.head)
+        stop_session(self.second, 30)
+        stop_session(self.head, 30)
 
 
 def _driver(cluster: TwoNodes, name: str, storage: Path, data: str, uri: str) -> subprocess.Popen[str]:
