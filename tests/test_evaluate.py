@@ -196,3 +196,36 @@ def test_mean_pet_baseline_reads_the_volume_recorded_at_preprocessing(tiny_shard
 
     monkeypatch.setattr(stats, "normalised_train_pet", no_rows)
     torch.testing.assert_close(evaluate.mean_pet(tiny_shards, "AV45").mean, streamed, rtol=1e-6, atol=1e-6)
+
+
+def test_evaluate_takes_preset_config_and_overrides_like_every_command(tiny_shards: str, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`geometry.tracer` and `run.experiment` apply; a geometry that contradicts the shards and an override that
+    evaluation cannot honour are refused with the field named."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("run: {experiment: from-config}\n")
+    base = ["evaluate", "--baseline", "mean-pet", "--data", tiny_shards, "--split", "test"]
+    assert cli_main(base + ["--out", str(tmp_path / "a"), "--tracking-uri", uri, "--preset", "tiny",
+                            "--config", str(cfg_file), "geometry.tracer=FDG"]) == 0
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["tracer"] == "FDG"
+    from mlflow import MlflowClient
+
+    assert MlflowClient(uri).get_experiment_by_name("from-config") is not None
+    assert cli_main(base + ["--out", str(tmp_path / "b"), "--preset", "demo", "geometry.tracer=FDG"]) == 2
+    assert "geometry: the shards in" in capsys.readouterr().err
+    assert cli_main(base + ["--out", str(tmp_path / "c"), "--preset", "tiny", "optim.lr=0.1"]) == 2
+    assert "optim.lr: evaluate does not use it" in capsys.readouterr().err
+
+
+def test_a_checkpoint_given_as_a_uri_is_loaded(tmp_path: Path) -> None:
+    from ganbert.models import build_generator
+    from ganbert.study import load_checkpoint
+    from ganbert.train.checkpoint import save_model_dir
+
+    cfg = config_mod.tiny()
+    generator = build_generator(cfg)
+    model_dir = save_model_dir(tmp_path / "model", cfg, generator)
+    loaded = load_checkpoint(model_dir.as_uri())
+    for k, v in generator.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

@@ -16,8 +16,10 @@ from torch import nn
 
 from ganbert import home, metrics
 from ganbert.atomic import write_csv, write_text
-from ganbert.config import GeometryConfig
-from ganbert.data import loader, shards, stats
+from ganbert.config import Config, GeometryConfig
+from ganbert.data import folds, loader, shards, stats
+from ganbert.data.folds import Fold
+from ganbert.data.part import Part, as_part
 from ganbert.data.phantom import LABEL, REFERENCE
 from ganbert.data.grid import pet_affine, resample
 from ganbert.figures import histogram_png, montage_png
@@ -60,14 +62,16 @@ class MeanPET(nn.Module):
         return self.mean.expand(mri.shape[0], *self.mean.shape)
 
 
-def mean_pet(data_dir: str, tracer: str) -> MeanPET:
+def mean_pet(data_dir: str, tracer: str, fold: Fold | None = None) -> MeanPET:
     """The mean normalised training PET of a tracer (restored per subject like G's output): recorded at
-    preprocessing (`stats.record`), else streamed from the training rows of older shards."""
-    volume = stats.recorded_mean_volume(data_dir, tracer)
+    preprocessing (`stats.record`), or with the folds (`fold`: its training subjects only), else streamed from the
+    training rows (of the split or the fold) for older shards."""
+    volume = (stats.recorded_mean_volume(data_dir, tracer) if fold is None
+              else folds.recorded_mean_volume(data_dir, fold, tracer))
     if volume is not None:
         return MeanPET(torch.from_numpy(np.asarray(volume)).float())
     total, n = None, 0
-    for norm in stats.normalised_train_pet(data_dir, tracer):
+    for norm in stats.normalised_train_pet(data_dir, tracer, part="train" if fold is None else fold.part("train")):
         total = norm if total is None else total + norm
         n += 1
     assert total is not None  # normalised_train_pet raises on an empty split
@@ -222,10 +226,10 @@ class Evaluation:
     summary: dict[str, Any]
 
 
-def iter_predictions(predict: Predictor, data_dir: str, split: str, tracer: str,
+def iter_predictions(predict: Predictor, data_dir: str, split: str | Part, tracer: str,
                      geometry: GeometryConfig | None = None) -> Iterator[tuple[dict[str, Any], torch.Tensor,
                                                                                torch.Tensor]]:
-    """(shard row, real PET (T, d, h, w) float32 on the CPU, fake) for every row of a split and tracer.
+    """(shard row, real PET (T, d, h, w) float32 on the CPU, fake) for every row of a split (or Part) and tracer.
 
     With `geometry`, raises ValueError when the shards were made for another geometry.
     """
@@ -237,7 +241,7 @@ def iter_predictions(predict: Predictor, data_dir: str, split: str, tracer: str,
         yield row, real, fake
 
 
-def iter_subjects(predict: Predictor, data_dir: str, split: str, tracer: str,
+def iter_subjects(predict: Predictor, data_dir: str, split: str | Part, tracer: str,
                   geometry: GeometryConfig | None = None) -> Iterator[tuple[dict[str, Any], dict[str, Any],
                                                                             torch.Tensor, torch.Tensor]]:
     """(subject row = ids + metrics, shard row, real, fake (T, d, h, w)) for every row of a split and tracer."""
@@ -246,7 +250,7 @@ def iter_subjects(predict: Predictor, data_dir: str, split: str, tracer: str,
         mask, source = brain_mask(row, geo)
         values = subject_metrics(fake, real, mask, tracer, _pet_grid(row, "labels", geo))
         ids = {"subject": row.get("subject", ""), "pet_image_id": row.get("pet_image_id", ""), "tracer": tracer,
-               "split": split, "mask_source": source}
+               "split": as_part(split).name, "mask_source": source}
         yield {**ids, **values}, row, real, fake
 
 
@@ -268,23 +272,24 @@ def summarise(subjects: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def evaluate_split(predict: Predictor, data_dir: str, split: str, tracer: str,
+def evaluate_split(predict: Predictor, data_dir: str, split: str | Part, tracer: str,
                    geometry: GeometryConfig | None = None, figures: Path | None = None) -> Evaluation:
-    """Evaluate `predict` on every row of a split and tracer; optionally montage + histogram of the first row."""
+    """Evaluate `predict` on every row of a split (or Part) and tracer; optionally montage + histogram of the first
+    row."""
     subjects: list[dict[str, Any]] = []
     for i, (values, row, real, fake) in enumerate(iter_subjects(predict, data_dir, split, tracer, geometry)):
         subjects.append(values)
         if figures is not None and i == 0:
             write_figures(row, real, fake, figures)
     if not subjects:
-        raise ValueError(f"split {split!r}: no rows for tracer {tracer} in {data_dir}")
+        raise ValueError(f"{as_part(split).describe()}: no rows for tracer {tracer} in {data_dir}")
     return Evaluation(subjects, summarise(subjects))
 
 
 @torch.no_grad()
 def validate(generator: nn.Module, data_dir: str, tracer: str, device: torch.device,
-             figures: Path | None = None, split: str = "val") -> dict[str, float]:
-    """Mean PSNR/SSIM/RMSE of a split (restored PET units, paper range) and on [0,1], keys `<split>_psnr` ...
+             figures: Path | None = None, split: str | Part = "val") -> dict[str, float]:
+    """Mean PSNR/SSIM/RMSE of a split or Part (restored PET units, paper range) and on [0,1], keys `<name>_psnr` ...
 
     The per-epoch check of a training run: `paper_metrics` on `device`, the generator left in train mode.
     Optionally writes the montage and histogram PNGs of the split's first row into `figures`.
@@ -299,9 +304,10 @@ def validate(generator: nn.Module, data_dir: str, tracer: str, device: torch.dev
             write_figures(row, real, fake, figures)
         n += 1
     generator.train()
+    part = as_part(split)
     if n == 0:
-        raise ValueError(f"no {split} rows for tracer {tracer} in {data_dir}")
-    return {f"{split}_{k}": v / n for k, v in sums.items()}
+        raise ValueError(f"{part.describe()}: no rows for tracer {tracer} in {data_dir}")
+    return {f"{part.name}_{k}": v / n for k, v in sums.items()}
 
 
 def _json_value(v: Any) -> Any:
@@ -337,25 +343,52 @@ def tracer_for(data_dir: str, split: str, tracer: str | None) -> str:
     return have[0]
 
 
-def main(args: argparse.Namespace) -> int:
-    """`ganbert evaluate (--model URI_OR_DIR | --baseline mean-pet) --data SHARDS --split test --out DIR`."""
+def check_config(cfg: Config | None, explicit: set[str], geo: GeometryConfig, data_dir: str,
+                 model_cfg: Config | None) -> None:
+    """Refuse a --preset/--config/overrides configuration whose geometry contradicts the shards or the model, and
+    overrides evaluation cannot honour (the model's own config fixes how it predicts)."""
+    if cfg is None:
+        return
+    usable = {"geometry.tracer", "run.experiment"}
+    ignored = sorted(k for k in explicit if k not in usable and not k.startswith("geometry."))
+    if ignored:
+        raise ValueError(f"{ignored[0]}: evaluate does not use it (the model's config or the shards fix it); "
+                         f"evaluate reads the geometry (checked) and {sorted(usable)}")
+    shards.check_geometry(shards.read_manifest(data_dir), cfg.geometry, data_dir)
+    if model_cfg is not None:
+        shards.check_geometry({"geometry": shards.geometry_record(model_cfg.geometry)}, cfg.geometry, "the model")
+
+
+def main(args: argparse.Namespace, cfg: Config | None = None, explicit: set[str] | None = None) -> int:
+    """`ganbert evaluate (--model URI_OR_DIR | --baseline mean-pet) --data SHARDS --split test --out DIR
+    [--preset P] [--config FILE] [key=value ...]`.
+
+    The configuration, when given, must match the shards' geometry (and the model's); `geometry.tracer` picks the
+    tracer and `run.experiment` the MLflow experiment when set explicitly (--tracer / --experiment win).
+    """
     from ganbert.mlflow_model import load_model
     from ganbert.train.device import pick_device
 
+    explicit = explicit or set()
     if bool(args.model) == bool(args.baseline):
         raise ValueError("--model / --baseline: give exactly one")
     out = Path(args.out).resolve()
     check_out(out, args.overwrite)
     data_dir = home.resolve(args.data)  # a path, or a URI pyarrow reads (s3://, gs://)
     geo = geometry_of(data_dir)
+    chosen = cfg.geometry.tracer if cfg is not None and "geometry.tracer" in explicit else None
+    experiment = args.experiment or (cfg.run.experiment if cfg is not None and "run.experiment" in explicit
+                                     else "evaluate")
     if args.model:
-        generator, cfg = load_model(args.model, args.tracking_uri)
-        tracer = args.tracer or cfg.geometry.tracer
-        predict, name = generator_predictor(generator, pick_device()), cfg.model.method
+        generator, model_cfg = load_model(args.model, args.tracking_uri)
+        check_config(cfg, explicit, geo, data_dir, model_cfg)
+        tracer = args.tracer or chosen or model_cfg.geometry.tracer
+        predict, name = generator_predictor(generator, pick_device()), model_cfg.model.method
     else:
         if args.baseline not in BASELINES:
             raise ValueError(f"--baseline must be one of {BASELINES}, got {args.baseline!r}")
-        tracer = tracer_for(data_dir, args.split, args.tracer)
+        check_config(cfg, explicit, geo, data_dir, None)
+        tracer = tracer_for(data_dir, args.split, args.tracer or chosen)
         predict, name = generator_predictor(mean_pet(data_dir, tracer)), args.baseline
     evaluation = evaluate_split(predict, data_dir, args.split, tracer, geo, out / "figures")
     info = {"model": args.model or "", "baseline": args.baseline or "", "name": name, "data": data_dir,
@@ -368,7 +401,7 @@ def main(args: argparse.Namespace) -> int:
     if args.tracking_uri:
         from ganbert.tracking import MLflowTracker
 
-        with MLflowTracker(args.tracking_uri, args.experiment, f"evaluate-{name}-{tracer}-{args.split}",
+        with MLflowTracker(args.tracking_uri, experiment, f"evaluate-{name}-{tracer}-{args.split}",
                            tags={"ganbert.kind": "evaluate"}) as tracker:
             tracker.log_params({f"evaluate.{k}": v for k, v in info.items()})
             tracker.log_metrics({f"{args.split}_{k}": v for k, v in s.items() if v is not None}, step=0)
@@ -376,5 +409,5 @@ def main(args: argparse.Namespace) -> int:
             tracker.log_artifact(js)
             if (out / "figures").is_dir():
                 tracker.log_artifact(out / "figures", "figures")
-        print(f"logged to run {tracker.run_id} of experiment {args.experiment!r} at {args.tracking_uri}")
+        print(f"logged to run {tracker.run_id} of experiment {experiment!r} at {args.tracking_uri}")
     return 0

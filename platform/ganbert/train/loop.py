@@ -24,7 +24,9 @@ import torch
 
 from ganbert import home
 from ganbert.config import Config, from_dict
-from ganbert.data import loader, stats
+from ganbert.data import folds, loader, stats
+from ganbert.data.folds import Fold
+from ganbert.data.part import Part
 from ganbert.evaluate import validate
 from ganbert.model_files import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
 from ganbert.models import Networks, build_networks
@@ -59,10 +61,12 @@ def steps_per_epoch(cfg: Config, train_rows: int) -> int:
     return steps
 
 
-def _micro_batches(cfg: Config, data_dir: str, epoch: int, device: torch.device) -> Iterator[list[Batch]]:
-    """Groups of `accumulation` normalised micro-batches: this worker's part of the epoch's seeded permutation."""
+def _micro_batches(cfg: Config, data_dir: str, epoch: int, device: torch.device,
+                   train: str | Part = "train") -> Iterator[list[Batch]]:
+    """Groups of `accumulation` normalised micro-batches: this worker's part of the epoch's seeded permutation of
+    the training rows (the split, or a fold's training subjects)."""
     ctx = ray.train.get_context()
-    ds = loader.epoch_dataset(data_dir, "train", cfg.geometry.tracer, cfg.run.seed, epoch, ctx.get_world_rank(),
+    ds = loader.epoch_dataset(data_dir, train, cfg.geometry.tracer, cfg.run.seed, epoch, ctx.get_world_rank(),
                               ctx.get_world_size())
     group: list[Batch] = []
     for raw in loader.torch_batches(ds, cfg.optim.batch_size, drop_last=True):
@@ -109,9 +113,16 @@ def _quiet_train_reports() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+def parts(fold: Fold | None) -> tuple[str | Part, str | Part]:
+    """(training rows, validation rows): the shards' train and val splits, or a fold's training and validation
+    subjects."""
+    return (fold.part("train"), fold.part("val")) if fold is not None else ("train", "val")
+
+
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: resume if a checkpoint exists, then epochs of GAN steps."""
     cfg = from_dict(loop_cfg["config"])
+    train_part, val_part = parts(Fold.from_dict(loop_cfg["fold"]) if loop_cfg.get("fold") else None)
     _quiet_train_reports()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -139,7 +150,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     for epoch in range(meta["epoch"] + 1, cfg.optim.epochs):
         seed_everything(cfg.run.seed + 1000 * (epoch + 1), rank)
         started, sums, k = time.perf_counter(), {}, 0
-        for k, group in enumerate(_micro_batches(cfg, loop_cfg["data_dir"], epoch, device)):
+        for k, group in enumerate(_micro_batches(cfg, loop_cfg["data_dir"], epoch, device, train_part)):
             if k >= per_epoch:
                 continue  # drain the shard so every worker finishes the epoch together
             _maybe_fault(loop_cfg.get("fault"), epoch, k, rank)
@@ -156,7 +167,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             if rank == 0:
                 figures = Path(tmp) / "figures"
                 # the plain module: a DDP forward would sync buffers with ranks that are not validating
-                report.update(validate(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures))
+                report.update(validate(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures,
+                                       val_part))
                 meta = {"epoch": epoch, "step": step, "mlflow_run_id": tracker.run_id, "val_psnr": report["val_psnr"]}
                 save_state(Path(tmp) / "state", cfg, nets, opt, meta)
                 tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
@@ -175,28 +187,36 @@ def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
 
 
 def loop_config(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
-                tags: dict[str, str] | None = None) -> tuple[Config, dict[str, Any]]:
+                tags: dict[str, str] | None = None, fold: Fold | None = None) -> tuple[Config, dict[str, Any]]:
     """(the run config with its token space calibrated, the workers' `train_loop_config`) of one run.
 
     The shards' manifest is read once: it fails early on a wrong geometry or a missing split, and gives the
     training statistics (`stats.for_run`: token calibration, PET level and mean volume; computed in one logged
     pass over the training rows only for shards that lack them) and the training row count. The val split's
-    token health reads its rows once (its summaries are not recorded at preprocessing).
+    token health reads its rows once (its summaries are not recorded at preprocessing). With a `fold`, the run
+    trains on the fold's training subjects, chooses its checkpoint on the fold's validation subjects, and uses the
+    fold's own statistics (`folds.fold_stats`, from its training subjects only).
     """
     tracer = cfg.geometry.tracer
-    manifest = loader.checked_manifest(data_dir, ("train", "val"), tracer, cfg.geometry)
-    cfg, found = stats.calibrated(cfg, data_dir, manifest)
+    train_part, val_part = parts(fold)
+    manifest = loader.checked_manifest(data_dir, (train_part, val_part), tracer, cfg.geometry)
+    found = (folds.fold_stats(data_dir, fold, tracer, cfg.sequence.length) if fold is not None
+             else stats.for_run(data_dir, tracer, cfg.sequence.length, manifest))
+    cfg = stats.calibrate(cfg, found)
     return cfg, {"config": cfg.to_dict(), "data_dir": home.resolve(data_dir), "tracking_uri": tracking_uri,
-                 "steps_per_epoch": steps_per_epoch(cfg, loader.rows_in(manifest, "train", tracer)),
+                 "steps_per_epoch": steps_per_epoch(cfg, loader.rows_in(manifest, train_part, tracer)),
                  "pet_stats": (found["pet_mean_volume"], found["pet_std"]),
-                 "token_health": stats.token_health(cfg, data_dir),
+                 "token_health": stats.token_health(cfg, data_dir, val_part),
+                 "fold": fold.to_dict() if fold is not None else None,
                  "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV)}
 
 
 def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
-                tags: dict[str, str] | None = None, callbacks: list[Any] | None = None) -> ray.train.torch.TorchTrainer:
-    """The `TorchTrainer` of one run: datasets from the shards, best-by-val-PSNR checkpoints, retries."""
-    cfg, loop_cfg = loop_config(cfg, data_dir, tracking_uri, parent_run_id, tags)
+                tags: dict[str, str] | None = None, callbacks: list[Any] | None = None,
+                fold: Fold | None = None) -> ray.train.torch.TorchTrainer:
+    """The `TorchTrainer` of one run (of a fold, when given): rows from the shards, best-by-val-PSNR checkpoints,
+    retries."""
+    cfg, loop_cfg = loop_config(cfg, data_dir, tracking_uri, parent_run_id, tags, fold)
     storage = home.resolve(cfg.run.storage)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
