@@ -333,7 +333,7 @@ def render_markdown(name: str, study: Study, info: dict[str, Any], summaries: di
              "can reach p < 0.05). Seeds and scans are averaged within a subject first. PSNR / SSIM / RMSE "
              "on restored PET clipped to [-10, 1000] (data range 1010); rel = each volume over its own in-brain "
              "mean; W1 = Wasserstein distance of in-brain intensities; SUVR MAPE = regional SUVR % error. "
-             f"Wall time {info['seconds'] / 60:.1f} min.", ""]
+             f"Wall time {info['seconds'] / 60:.1f} min; {info['overhead']}.", ""]
     if not info.get("labels", True):
         lines += ["Regional metrics are absent: the shards carry no region labels.", ""]
     for set_name in info["sets"]:
@@ -479,14 +479,36 @@ def _fold_name(fold: Fold | None) -> str:
     return "fixed" if fold is None else str(fold.index)
 
 
-def run_folds(plan: Plan, parent_id: str, say: Callable[[str], None]) -> tuple[list[Cell], list[dict[str, Any]]]:
+def epoch_compute(tracking_uri: str, run_id: str) -> float:
+    """Sum of a run's per-epoch step compute (its `epoch_seconds` metric history, the latest value per epoch)."""
+    from mlflow import MlflowClient
+
+    points = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "epoch_seconds"), key=lambda m: m.timestamp)
+    return float(sum({m.step: m.value for m in points}.values()))
+
+
+def overhead_line(timings: list[dict[str, float]]) -> str:
+    """`per-run fixed overhead (wall - sum of epoch compute): median X s ...` over the trained runs of a study."""
+    if not timings:
+        return "no trained runs"
+    over = np.array([t["wall"] - t["compute"] for t in timings])
+    wall = np.array([t["wall"] for t in timings])
+    return (f"{len(timings)} training runs: wall median {np.median(wall):.1f} s, per-run fixed overhead (wall - sum "
+            f"of epoch step compute) median {np.median(over):.1f} s (min {over.min():.1f}, max {over.max():.1f}), "
+            f"{100 * over.sum() / wall.sum():.0f} % of the training wall time")
+
+
+def run_folds(plan: Plan, parent_id: str, say: Callable[[str], None]
+              ) -> tuple[list[Cell], list[dict[str, Any]], list[dict[str, float]]]:
     """Phase 1: every row x tracer x seed x fold trained (or the baseline's fold mean) and its held-out fold
-    scored; returns the cells (fold checkpoints) and the out-of-fold subject records. Never reads the test split."""
+    scored; returns the cells (fold checkpoints), the out-of-fold subject records and each training run's wall and
+    epoch-compute seconds. Never reads the test split."""
     from ganbert.train import loop
 
     experiment = plan.base.run.experiment
     cells: list[Cell] = []
     records: list[dict[str, Any]] = []
+    timings: list[dict[str, float]] = []
     for tracer in plan.study.tracers:
         for row in plan.study.rows:
             for seed in _seeds(plan, row):
@@ -504,8 +526,12 @@ def run_folds(plan: Plan, parent_id: str, say: Callable[[str], None]) -> tuple[l
                     else:
                         cfg = trial_config(plan.base, row, tracer, seed, plan.name, fold)
                         say(f"training {row.name} on {tracer}, seed {seed}, fold {_fold_name(fold)} ({cfg.run.name})")
+                        started = time.perf_counter()
                         fit = loop.fit(cfg, plan.data_dir, plan.tracking_uri, parent_run_id=parent_id, tags=tags,
                                        fold=fold)
+                        if fit.run_id:
+                            timings.append({"wall": time.perf_counter() - started,
+                                            "compute": epoch_compute(plan.tracking_uri, fit.run_id)})
                         chosen = fit.best_checkpoint or fit.model_dir  # best val_psnr epoch (Ray keeps it)
                         if chosen is None:
                             raise RuntimeError(f"run {cfg.run.name}: no checkpoint to evaluate")
@@ -523,7 +549,7 @@ def run_folds(plan: Plan, parent_id: str, say: Callable[[str], None]) -> tuple[l
                     say(f"{row.name} {tracer} seed {seed} fold {fold.index}: out-of-fold psnr "
                         f"{_mean(found).get('psnr', float('nan')):.3f} on {len(found)} subjects")
                 cells.append(cell)
-    return cells, records
+    return cells, records, timings
 
 
 def score_locked(plan: Plan, cells: list[Cell], parent_id: str, say: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -584,7 +610,7 @@ def run_study(plan: Plan, out: Path, say: Callable[[str], None] = print) -> dict
                        "study.tracers": ",".join(plan.study.tracers), "study.bootstrap": plan.resamples,
                        "study.external": ",".join(plan.externals) or "none"})
     try:
-        cells, records = run_folds(plan, str(parent.run_id), say)
+        cells, records, timings = run_folds(plan, str(parent.run_id), say)
         records += score_locked(plan, cells, str(parent.run_id), say)
         summaries, pairs = analyse(plan, records)
         seconds = time.perf_counter() - started
@@ -592,7 +618,8 @@ def run_study(plan: Plan, out: Path, say: Callable[[str], None] = print) -> dict
                        f"locked test split scored by each row's {k}-fold ensemble" if k > 1 else
                        "fixed split: trained on train, checkpoint chosen on val, scored on test")
         info = {"name": plan.name, "description": description, "reference": plan.reference, "sets": plan.sets,
-                "folds": k, "seeds": plan.seeds, "seconds": seconds,
+                "folds": k, "seeds": plan.seeds, "seconds": seconds, "timings": timings,
+                "overhead": overhead_line(timings),
                 "labels": any(r.get("suvr_mape") is not None for r in records),
                 "bootstrap": {"resamples": plan.resamples, "seed": plan.boot_seed, "level": paired.LEVEL,
                               "method": "percentile; subjects sorted by id; numpy.random.default_rng(seed)"
@@ -612,7 +639,9 @@ def run_study(plan: Plan, out: Path, say: Callable[[str], None] = print) -> dict
                 for s in plan.sets if any(e["set"] == s for e in pairs)]
         for path in (md, js, *pngs):
             parent.log_artifact(path)
-        parent.log_metrics({"study_seconds": seconds, **parent_metrics(pairs, list(plan.study.rows))}, step=0)
+        over = [t["wall"] - t["compute"] for t in timings]
+        parent.log_metrics({"study_seconds": seconds, **({"run_overhead_median_s": float(np.median(over))} if over else {}),
+                            **parent_metrics(pairs, list(plan.study.rows))}, step=0)
     except KeyboardInterrupt:
         parent.finish("KILLED")
         raise
@@ -680,7 +709,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
                          tags=[ROW_TAG, FOLD_TAG, SEED_TAG], order_by=None)
     print((out / "study.md").read_text())
     print(f"wrote {out / 'study.md'}, {out / 'study.json'} and the forest plots; wall time {result['seconds']:.0f} s; "
-          f"tracking: {plan.tracking_uri}")
+          f"{result['overhead']}; tracking: {plan.tracking_uri}")
     print(f"compare in the MLflow UI: mlflow ui --backend-store-uri {plan.tracking_uri} --host 127.0.0.1, then open "
           f"http://127.0.0.1:5000/{view}")
     return 0
