@@ -101,3 +101,38 @@ def test_centiloid_and_braak_stage() -> None:
     assert bm.braak_stage(1.0, 1.31, 1.0) == 2.0  # the latest ROI above its threshold decides
     assert bm.braak_stage(1.5, 1.5, 1.9) == 3.0
     assert math.isnan(bm.braak_stage(1.5, float("nan"), 1.0))
+
+
+def _subjects(n: int) -> list[dict[str, float]]:
+    rng = np.random.default_rng(11)
+    out = []
+    for _ in range(n):
+        real = float(rng.uniform(1.0, 1.8))
+        fake = real + float(rng.normal(0.0, 0.05))
+        out.append({"suvr_real.neocortex": real, "suvr_fake.neocortex": fake, "centiloid_real": bm.centiloid(real),
+                    "centiloid_fake": bm.centiloid(fake), "positive_real": float(real > 1.11),
+                    "positive_fake": float(fake > 1.11)})
+    return out
+
+
+def test_cohort_summary_values_and_reasons() -> None:
+    regions, subjects = ("cerebellum_gm", "neocortex"), _subjects(12)
+    s = bm.summary(subjects, "AV45", regions, ("cerebellum_gm",))
+    assert set(s) == {*bm.summary_keys(regions), bm.NOTES_KEY}
+    real = [x["centiloid_real"] for x in subjects]
+    fake = [x["centiloid_fake"] for x in subjects]
+    assert s["centiloid.icc21"] == pytest.approx(bm.icc_2_1(np.stack([real, fake], axis=1)))
+    assert s["centiloid.ba_bias"] == pytest.approx(float(np.mean(np.subtract(fake, real))))
+    assert s["suvr.neocortex.pearson_r"] == pytest.approx(bm.pearson_r([x["suvr_real.neocortex"] for x in subjects],
+                                                                       [x["suvr_fake.neocortex"] for x in subjects]))
+    assert s["positivity.kappa"] is not None
+    assert bm.note_for(s, "suvr.cerebellum_gm.icc21") == "reference region of AV45"
+    assert "AV1451 only" in bm.note_for(s, "braak.weighted_kappa_quadratic")
+    assert "FDG only" in bm.note_for(s, "metaroi.icc21") and s["metaroi.icc21"] is None
+    few = bm.summary(subjects[:2], "AV45", regions, ("cerebellum_gm",))
+    assert few["centiloid.icc21"] is None and "at least 3" in bm.note_for(few, "centiloid.icc21")
+    assert few["positivity.kappa"] is None and bm.note_for(few, "positivity.kappa")
+    for absent in (bm.summary([], "AV45", regions, ()), bm.summary(subjects, None, regions, ())):
+        assert all(absent[k] is None and bm.note_for(absent, k) for k in bm.summary_keys(regions))
+    lines = bm.report(s, regions)
+    assert lines[0].startswith("centiloid: r=") and "absent (AV1451 only; this split is AV45): braak" in lines

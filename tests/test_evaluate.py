@@ -17,9 +17,9 @@ from ganbert import config as config_mod
 from ganbert import metrics
 from ganbert.cli import main as cli_main
 from ganbert.data.phantom import LABEL
-from ganbert.evaluate import (BIOMARKER_KEYS, BIOMARKER_METRICS, NOTES_KEY, POSITIVITY, REGIONAL_SUVR,
-                              SUBJECT_METRICS, brain_mask, geometry_of, note_for, positivity, subject_metrics,
-                              summarise)
+from ganbert.biomarkers import NOTES_KEY, note_for
+from ganbert.evaluate import (BIOMARKER_KEYS, BIOMARKER_METRICS, POSITIVITY, REGIONAL_SUVR, SUBJECT_METRICS,
+                              brain_mask, geometry_of, positivity, subject_metrics, summarise)
 
 RNG = np.random.default_rng(7)
 

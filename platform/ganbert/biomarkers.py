@@ -9,23 +9,23 @@ A statistic that is not defined for the data raises `Undefined` with the reason;
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 # Centiloid of a florbetapir (AV45) cortical SUVR over the whole cerebellum, ADNI's UC Berkeley pipeline:
 # CL = 188.22 x SUVR - 189.16 (Royse et al. 2021, Alzheimer's Research & Therapy 13:99, "Validation of amyloid
-# PET positivity thresholds in centiloids: a multisite PET study approach"). Chosen over the Avid pipeline's
-# CL = 183.07 x SUVR - 177.26 (Navitsky et al. 2018, Alzheimer's & Dementia 14:1565) because ADNI's SUVRs and
-# the 1.11 positivity cut-off (Landau et al. 2013) come from the Berkeley pipeline: Royse et al. give that cut-off
-# as 20 CL (188.22 x 1.11 - 189.16 = 19.76).
+# PET positivity thresholds in centiloids: a multisite PET study approach", doi:10.1186/s13195-021-00836-1).
+# Chosen over the Avid pipeline's CL = 183.07 x SUVR - 177.26 (Navitsky et al. 2018, Alzheimer's & Dementia
+# 14:1565, doi:10.1016/j.jalz.2018.06.1353) because ADNI's SUVRs and the 1.11 positivity cut-off (Landau et al.
+# 2013) come from the Berkeley pipeline: Royse et al. give that cut-off as 20 CL (188.22 x 1.11 - 189.16 = 19.76).
 CENTILOID_FBP_WHOLE_CEREBELLUM = (188.22, -189.16)
 
 # In vivo Braak staging of flortaucipir (AV1451) SUVRs (Maass et al. 2017, NeuroImage 157:448, "Comparison of
 # multiple tau-PET measures as biomarkers in aging and Alzheimer's disease", Fig. 1): Braak ROIs read from late
 # to early, a subject is at the latest stage whose ROI exceeds its threshold: V/VI > 1.87, III/IV > 1.30,
 # I/II > 1.13, else stage 0. Their thresholds are for partial-volume-corrected SUVRs (inferior cerebellar grey
-# reference); without PVC they read conservatively (fewer, later stages), for the real and the generated PET alike.
+# reference); on SUVRs without PVC they read conservatively (lower stages), for the real and generated PET alike.
 # Stages are coded 0 = none, 1 = I-II, 2 = III-IV, 3 = V-VI.
 BRAAK_THRESHOLDS = ((3, 1.87), (2, 1.30), (1, 1.13))
 BRAAK_CODES = (0, 1, 2, 3)
@@ -188,3 +188,116 @@ def specificity(real: Sequence[float], fake: Sequence[float]) -> float:
     if not neg.any():
         raise Undefined("no subject is negative on the real PET")
     return float((b[neg] == 0.0).mean())
+
+
+# --- the cohort summary of an evaluation ----------------------------------------------------------
+# Per-subject columns read here (written by evaluate.region_metrics): suvr_real.<region> / suvr_fake.<region>,
+# positive_real / positive_fake, centiloid_*, metaroi_*, braak_*. Summary keys: BIOMARKER_KEYS; NOTES_KEY maps a key
+# or a key prefix ("centiloid", "suvr.pons") to why it is absent.
+
+AGREEMENT_STATS = ("pearson_r", "icc21", "ba_bias", "ba_loa_low", "ba_loa_high")
+TRACER_OF = {"centiloid": "AV45", "braak": "AV1451", "metaroi": "FDG"}
+NOTES_KEY = "biomarker_notes"
+GROUPS = ("suvr", "positivity", *TRACER_OF)
+
+
+def summary_keys(regions: Sequence[str]) -> tuple[str, ...]:
+    """Every cohort key `summary` returns (besides NOTES_KEY), in a fixed order."""
+    return (tuple(f"suvr.{region}.{stat}" for region in regions for stat in AGREEMENT_STATS)
+            + tuple(f"{group}.{stat}" for group in ("centiloid", "metaroi") for stat in AGREEMENT_STATS)
+            + ("positivity.kappa", "positivity.sensitivity", "positivity.specificity", "braak.weighted_kappa_quadratic"))
+
+
+def _column(subjects: Sequence[dict[str, Any]], key: str) -> list[float]:
+    """One per-subject column as floats, NaN where missing or null."""
+    return [float("nan") if s.get(key) is None else float(s[key]) for s in subjects]
+
+
+def summary(subjects: Sequence[dict[str, Any]], tracer: str | None, regions: Sequence[str],
+            reference: Sequence[str]) -> dict[str, Any]:
+    """Agreement of the generated with the real PET's biomarkers over the labelled `subjects` (per-subject dicts).
+
+    Returns every `summary_keys(regions)` entry (float, or None when absent) and NOTES_KEY {key or prefix: why}:
+    suvr.<region>.*, centiloid.*, metaroi.*: `agreement` of real vs generated values; positivity.*: Cohen's kappa,
+    sensitivity, specificity of the generated read against the real one; braak.weighted_kappa_quadratic.
+    """
+    values: dict[str, Any] = dict.fromkeys(summary_keys(regions))
+    if tracer not in TRACER_OF.values():
+        return {**values, NOTES_KEY: dict.fromkeys(GROUPS, f"tracer {tracer!r} unknown or mixed: no biomarker read")}
+    if not subjects:
+        why = "no region labels in the shards (has_labels false, e.g. ADNI data): no regional SUVR to read"
+        return {**values, NOTES_KEY: dict.fromkeys(GROUPS, why)}
+    notes: dict[str, str] = {}
+
+    def put(key: str, fn: Callable[[], float]) -> None:
+        try:
+            values[key] = float(fn())
+        except Undefined as why:
+            notes[key] = str(why)
+
+    def agree(prefix: str, real_key: str, fake_key: str) -> None:
+        stats = agreement(_column(subjects, real_key), _column(subjects, fake_key))
+        reasons = {v for v in stats.values() if isinstance(v, str)}
+        if len(reasons) == 1 and all(isinstance(v, str) for v in stats.values()):
+            notes[prefix] = reasons.pop()  # one reason for the whole group
+            return
+        for stat, value in stats.items():
+            if isinstance(value, str):
+                notes[f"{prefix}.{stat}"] = value
+            else:
+                values[f"{prefix}.{stat}"] = value
+
+    for region in regions:
+        if region in reference:
+            notes[f"suvr.{region}"] = f"reference region of {tracer}"
+        else:
+            agree(f"suvr.{region}", f"suvr_real.{region}", f"suvr_fake.{region}")
+    for group, only in TRACER_OF.items():
+        if tracer != only:
+            notes[group] = f"{only} only; this split is {tracer}"
+    real, fake = _column(subjects, "positive_real"), _column(subjects, "positive_fake")
+    put("positivity.kappa", lambda: kappa(real, fake, (0, 1)))
+    put("positivity.sensitivity", lambda: sensitivity(real, fake))
+    put("positivity.specificity", lambda: specificity(real, fake))
+    if tracer == "AV45":
+        agree("centiloid", "centiloid_real", "centiloid_fake")
+    elif tracer == "FDG":
+        agree("metaroi", "metaroi_real", "metaroi_fake")
+    else:
+        put("braak.weighted_kappa_quadratic", lambda: kappa(
+            _column(subjects, "braak_real"), _column(subjects, "braak_fake"), BRAAK_CODES, "quadratic"))
+    return {**values, NOTES_KEY: notes}
+
+
+def note_for(summary_: dict[str, Any], key: str) -> str | None:
+    """Why a biomarker key of a summary is absent: the note of the key or of its longest dotted prefix."""
+    notes = summary_.get(NOTES_KEY) or {}
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in notes:
+            return notes[".".join(parts[:end])]
+    return None
+
+
+def report(summary_: dict[str, Any], regions: Sequence[str]) -> list[str]:
+    """Printable lines of a summary's biomarker statistics: the present ones, then why the others are absent."""
+    def fmt(key: str) -> str:
+        return "–" if summary_.get(key) is None else f"{summary_[key]:.3f}"
+
+    lines = []
+    for g in ("centiloid", "metaroi"):
+        if any(summary_.get(f"{g}.{stat}") is not None for stat in AGREEMENT_STATS):
+            lines.append(f"{g}: r={fmt(g + '.pearson_r')} ICC(2,1)={fmt(g + '.icc21')} Bland-Altman "
+                         f"bias={fmt(g + '.ba_bias')} [{fmt(g + '.ba_loa_low')}, {fmt(g + '.ba_loa_high')}]")
+    if any(summary_.get(f"positivity.{k}") is not None for k in ("kappa", "sensitivity", "specificity")):
+        lines.append(f"positivity: kappa={fmt('positivity.kappa')} sensitivity={fmt('positivity.sensitivity')} "
+                     f"specificity={fmt('positivity.specificity')}")
+    if summary_.get("braak.weighted_kappa_quadratic") is not None:
+        lines.append(f"braak: weighted kappa (quadratic)={fmt('braak.weighted_kappa_quadratic')}")
+    icc = [f"{r}={fmt(f'suvr.{r}.icc21')}" for r in regions if summary_.get(f"suvr.{r}.icc21") is not None]
+    if icc:
+        lines.append("regional SUVR ICC(2,1): " + " ".join(icc))
+    by_reason: dict[str, list[str]] = {}
+    for key, why in sorted((summary_.get(NOTES_KEY) or {}).items()):
+        by_reason.setdefault(why, []).append(key)
+    return lines + [f"absent ({why}): {', '.join(keys)}" for why, keys in by_reason.items()]

@@ -58,6 +58,8 @@ POSITIVITY: dict[str, tuple[tuple[str, ...], float, str]] = {
     "FDG": (META_ROI, 1.21, "<"),
 }
 
+BIOMARKER_KEYS = biomarkers.summary_keys(tuple(REGIONS.values()))
+
 # Braak ROIs (stage code -> phantom regions) from the phantom's stage map: I-II, III-IV, V-VI.
 BRAAK_ROIS = {code: tuple(sorted({r for s, r in BRAAK_REGIONS.items() if (s + 1) // 2 == code})) for code in (1, 2, 3)}
 
@@ -323,7 +325,8 @@ def _finite(value: Any) -> bool:
 
 def summarise(subjects: list[dict[str, Any]], tracer: str | None = None) -> dict[str, Any]:
     """{"n": subjects, metric: mean over subjects with a finite value (null if none)} for every metric, plus the
-    cohort biomarker statistics (`biomarker_summary`; tracer: the subjects' own when not given)."""
+    biomarker agreement over the labelled subjects (`biomarkers.summary`: BIOMARKER_KEYS and NOTES_KEY; tracer:
+    the subjects' own when not given)."""
     out: dict[str, Any] = {"n": len(subjects)}
     for key in METRICS:
         vals = [float(s[key]) for s in subjects if _finite(s.get(key))]
@@ -332,116 +335,9 @@ def summarise(subjects: list[dict[str, Any]], tracer: str | None = None) -> dict
     if tracer is None:
         found = {s.get("tracer") for s in subjects}
         tracer = found.pop() if len(found) == 1 else None
-    out.update(biomarker_summary(subjects, tracer))
-    return out
-
-
-# --- biomarker agreement over subjects ------------------------------------------------------------
-
-AGREEMENT_STATS = ("pearson_r", "icc21", "ba_bias", "ba_loa_low", "ba_loa_high")
-BIOMARKER_ONLY = {"centiloid": "AV45", "braak": "AV1451", "metaroi": "FDG"}
-BIOMARKER_KEYS = (tuple(f"suvr.{region}.{stat}" for region in REGIONS.values() for stat in AGREEMENT_STATS)
-                  + tuple(f"{group}.{stat}" for group in ("centiloid", "metaroi") for stat in AGREEMENT_STATS)
-                  + ("positivity.kappa", "positivity.sensitivity", "positivity.specificity",
-                     "braak.weighted_kappa_quadratic"))
-NOTES_KEY = "biomarker_notes"
-
-
-def _column(subjects: list[dict[str, Any]], key: str) -> list[float]:
-    return [float(s[key]) if _finite(s.get(key)) else float("nan") for s in subjects]
-
-
-def biomarker_summary(subjects: list[dict[str, Any]], tracer: str | None) -> dict[str, Any]:
-    """Cohort agreement of the generated with the real PET's biomarkers: every BIOMARKER_KEYS entry (float, or
-    None when absent) and NOTES_KEY {key or key prefix: why it is absent}.
-
-    suvr.<region>.* and centiloid.* / metaroi.*: Pearson r, ICC(2,1), Bland-Altman bias and limits of the per-subject
-    values (real vs generated); positivity.*: Cohen's kappa, sensitivity and specificity of the generated read
-    against the real one; braak.weighted_kappa_quadratic: quadratic-weighted kappa of the stage codes.
-    """
-    values: dict[str, float | None] = dict.fromkeys(BIOMARKER_KEYS)
-    notes: dict[str, str] = {}
     labelled = [s for s in subjects if _finite(s.get("suvr_mape"))]
-    if tracer not in POSITIVITY:
-        why = f"tracer {tracer!r} unknown or mixed: no biomarker read"
-        return {**values, NOTES_KEY: {g: why for g in ("suvr", "positivity", *BIOMARKER_ONLY)}}
-    if not labelled:
-        why = "no region labels in the shards (has_labels false, e.g. ADNI data): no regional SUVR to read"
-        return {**values, NOTES_KEY: {g: why for g in ("suvr", "positivity", *BIOMARKER_ONLY)}}
-
-    def put(key: str, fn: Callable[[], float]) -> None:
-        try:
-            values[key] = float(fn())
-        except biomarkers.Undefined as why:
-            notes[key] = str(why)
-
-    def agree(prefix: str, real_key: str, fake_key: str) -> None:
-        stats = biomarkers.agreement(_column(labelled, real_key), _column(labelled, fake_key))
-        reasons = {v for v in stats.values() if isinstance(v, str)}
-        if len(reasons) == 1 and all(isinstance(v, str) for v in stats.values()):
-            notes[prefix] = reasons.pop()  # one reason for the whole group
-            return
-        for stat, value in stats.items():
-            if isinstance(value, str):
-                notes[f"{prefix}.{stat}"] = value
-            else:
-                values[f"{prefix}.{stat}"] = value
-
-    for region in REGIONS.values():
-        if region in REFERENCE[tracer]:
-            notes[f"suvr.{region}"] = f"reference region of {tracer}"
-        else:
-            agree(f"suvr.{region}", f"suvr_real.{region}", f"suvr_fake.{region}")
-    for group, only in BIOMARKER_ONLY.items():
-        if tracer != only:
-            notes[group] = f"{only} only; this split is {tracer}"
-    real, fake = _column(labelled, "positive_real"), _column(labelled, "positive_fake")
-    put("positivity.kappa", lambda: biomarkers.kappa(real, fake, (0, 1)))
-    put("positivity.sensitivity", lambda: biomarkers.sensitivity(real, fake))
-    put("positivity.specificity", lambda: biomarkers.specificity(real, fake))
-    if tracer == "AV45":
-        agree("centiloid", "centiloid_real", "centiloid_fake")
-    elif tracer == "FDG":
-        agree("metaroi", "metaroi_real", "metaroi_fake")
-    elif tracer == "AV1451":
-        put("braak.weighted_kappa_quadratic", lambda: biomarkers.kappa(
-            _column(labelled, "braak_real"), _column(labelled, "braak_fake"), biomarkers.BRAAK_CODES, "quadratic"))
-    return {**values, NOTES_KEY: notes}
-
-
-def biomarker_report(summary: dict[str, Any]) -> list[str]:
-    """Printable lines of a summary's biomarker statistics (present ones, then why the others are absent)."""
-    def fmt(key: str) -> str:
-        return "–" if summary.get(key) is None else f"{summary[key]:.3f}"
-
-    lines = []
-    for group in ("centiloid", "metaroi"):
-        if summary.get(f"{group}.icc21") is not None or summary.get(f"{group}.ba_bias") is not None:
-            lines.append(f"{group}: r={fmt(group + '.pearson_r')} ICC(2,1)={fmt(group + '.icc21')} Bland-Altman "
-                         f"bias={fmt(group + '.ba_bias')} [{fmt(group + '.ba_loa_low')}, {fmt(group + '.ba_loa_high')}]")
-    if any(summary.get(k) is not None for k in ("positivity.kappa", "positivity.sensitivity", "positivity.specificity")):
-        lines.append(f"positivity: kappa={fmt('positivity.kappa')} sensitivity={fmt('positivity.sensitivity')} "
-                     f"specificity={fmt('positivity.specificity')}")
-    if summary.get("braak.weighted_kappa_quadratic") is not None:
-        lines.append(f"braak: weighted kappa (quadratic)={fmt('braak.weighted_kappa_quadratic')}")
-    regional = [f"{r}={fmt(f'suvr.{r}.icc21')}" for r in REGIONS.values() if summary.get(f"suvr.{r}.icc21") is not None]
-    if regional:
-        lines.append("regional SUVR ICC(2,1): " + " ".join(regional))
-    by_reason: dict[str, list[str]] = {}
-    for key, why in sorted((summary.get(NOTES_KEY) or {}).items()):
-        by_reason.setdefault(why, []).append(key)
-    lines += [f"absent ({why}): {', '.join(keys)}" for why, keys in by_reason.items()]
-    return lines
-
-
-def note_for(summary: dict[str, Any], key: str) -> str | None:
-    """Why a biomarker key of a summary is absent: the note of the key or of its longest dotted prefix."""
-    notes = summary.get(NOTES_KEY) or {}
-    parts = key.split(".")
-    for end in range(len(parts), 0, -1):
-        if ".".join(parts[:end]) in notes:
-            return notes[".".join(parts[:end])]
-    return None
+    out.update(biomarkers.summary(labelled, tracer, tuple(REGIONS.values()), REFERENCE.get(str(tracer), ())))
+    return out
 
 
 def evaluate_split(predict: Predictor, data_dir: str, split: str, tracer: str,
@@ -540,7 +436,7 @@ def main(args: argparse.Namespace) -> int:
     s = evaluation.summary
     print(f"evaluate: {name} on {s['n']} {tracer} {args.split} subjects: " + " ".join(
         f"{k}={s[k]:.4f}" for k in METRICS if s.get(k) is not None))
-    for line in biomarker_report(s):
+    for line in biomarkers.report(s, tuple(REGIONS.values())):
         print(f"  {line}")
     print(f"wrote {csv} and {js}")
     if args.tracking_uri:
