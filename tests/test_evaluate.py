@@ -151,7 +151,7 @@ def test_subject_biomarkers_of_each_tracer_by_hand() -> None:
     assert all(math.isnan(s[k]) for k in ("braak_real", "metaroi_real", "metaroi_abs_pct_error"))
     av1451 = {"cerebellum_gm": 1.0, "medial_temporal": 1.5, "inferior_temporal": 1.35, "neocortex": 1.0}
     t = _subject("AV1451", av1451, {**av1451, "inferior_temporal": 1.0})
-    assert (t["braak_real"], t["braak_fake"]) == (2.0, 1.0)  # III-IV read as I-II
+    assert (t["braak_real"], t["braak_fake"], t["braak_abs_error"]) == (2.0, 1.0, 1.0)  # III-IV read as I-II
     assert all(math.isnan(t[k]) for k in ("centiloid_real", "metaroi_real"))
     fdg = {"pons": 1.0, "temporoparietal": 1.3, "inferior_temporal": 1.1, "medial_temporal": 0.9}
     f = _subject("FDG", fdg, {**fdg, "temporoparietal": 1.1, "medial_temporal": 1.3})  # medial temporal: not meta-ROI

@@ -33,9 +33,10 @@ REGION_METRICS = ("suvr_mape", "suvr_composite_real", "suvr_composite_fake", "po
                   "positivity_agreement")
 # Per-subject biomarkers (module `biomarkers`), NaN where the tracer or the labels do not give them:
 # AV45 Centiloid of the composite SUVR (real, generated, generated - real, |generated - real|); AV1451 Braak stage
-# code (0 none, 1 I-II, 2 III-IV, 3 V-VI); FDG AD meta-ROI SUVR (real, generated, % error, |% error|).
+# code (0 none, 1 I-II, 2 III-IV, 3 V-VI; real, generated, |generated - real| in stages); FDG AD meta-ROI SUVR
+# (real, generated, % error, |% error|).
 BIOMARKER_METRICS = ("centiloid_real", "centiloid_fake", "centiloid_error", "centiloid_abs_error",
-                     "braak_real", "braak_fake",
+                     "braak_real", "braak_fake", "braak_abs_error",
                      "metaroi_real", "metaroi_fake", "metaroi_pct_error", "metaroi_abs_pct_error")
 METRICS = PAPER_METRICS + BRAIN_METRICS + REGION_METRICS + BIOMARKER_METRICS
 # Regional SUVRs of every phantom region, real and generated (subjects.csv only; NaN for the reference region).
@@ -266,6 +267,8 @@ def region_metrics(fake: torch.Tensor, real: torch.Tensor, labels: torch.Tensor,
     if tracer == "AV45":
         out["centiloid_error"] = out["centiloid_fake"] - out["centiloid_real"]
         out["centiloid_abs_error"] = abs(out["centiloid_error"])
+    elif tracer == "AV1451":
+        out["braak_abs_error"] = abs(out["braak_fake"] - out["braak_real"])
     elif tracer == "FDG":
         real_roi = out["metaroi_real"]
         out["metaroi_pct_error"] = 100.0 * (out["metaroi_fake"] - real_roi) / real_roi if real_roi > 0 else float("nan")
