@@ -12,7 +12,7 @@ import pytest
 PLATFORM = Path(__file__).resolve().parents[1] / "platform"
 PURE = ["ganbert.models"] + sorted(f"ganbert.models.{p.stem}" for p in (PLATFORM / "ganbert" / "models").glob("*.py")
                                    if p.stem != "__init__") + ["ganbert.sequence", "ganbert.train.step",
-                                                               "ganbert.metrics"]
+                                                               "ganbert.metrics", "ganbert.biomarkers"]
 EDGES = ("ray", "mlflow")
 
 

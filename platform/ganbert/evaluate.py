@@ -14,13 +14,14 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from ganbert import home, metrics
+from ganbert import biomarkers, home, metrics
 from ganbert.atomic import write_csv, write_text
 from ganbert.config import Config, GeometryConfig
 from ganbert.data import folds, loader, shards, stats
 from ganbert.data.folds import Fold
 from ganbert.data.part import Part, as_part
-from ganbert.data.phantom import LABEL, REFERENCE
+from ganbert.data.phantom import LABEL, REFERENCE, REGIONS
+from ganbert.data.phantom.uptake import BRAAK_REGIONS
 from ganbert.data.grid import pet_affine, resample
 from ganbert.figures import histogram_png, montage_png
 
@@ -32,17 +33,38 @@ PAPER_METRICS = ("psnr", "ssim", "rmse", "psnr01", "ssim01")
 BRAIN_METRICS = ("psnr_brain", "ssim_brain", "psnr_rel", "ssim_rel", "wasserstein")
 REGION_METRICS = ("suvr_mape", "suvr_composite_real", "suvr_composite_fake", "positive_real", "positive_fake",
                   "positivity_agreement")
-METRICS = PAPER_METRICS + BRAIN_METRICS + REGION_METRICS
+# Per-subject biomarkers (module `biomarkers`), NaN where the tracer or the labels do not give them:
+# AV45 Centiloid of the composite SUVR (real, generated, generated - real, |generated - real|); AV1451 Braak stage
+# code (0 none, 1 I-II, 2 III-IV, 3 V-VI; real, generated, |generated - real| in stages); FDG AD meta-ROI SUVR
+# (real, generated, % error, |% error|).
+BIOMARKER_METRICS = ("centiloid_real", "centiloid_fake", "centiloid_error", "centiloid_abs_error",
+                     "braak_real", "braak_fake", "braak_abs_error",
+                     "metaroi_real", "metaroi_fake", "metaroi_pct_error", "metaroi_abs_pct_error")
+METRICS = PAPER_METRICS + BRAIN_METRICS + REGION_METRICS + BIOMARKER_METRICS
+# Regional SUVRs of every phantom region, real and generated (subjects.csv only; NaN for the reference region).
+REGIONAL_SUVR = tuple(f"suvr_{side}.{name}" for name in REGIONS.values() for side in ("real", "fake"))
+SUBJECT_METRICS = METRICS + REGIONAL_SUVR
+
+# FDG AD meta-ROI (Landau et al. 2011, Neurobiology of Aging 32:1207): left and right angular gyri, bilateral
+# posterior cingulate, left and right inferior temporal gyri. The phantom's closest regions: temporoparietal
+# (lateral parietal ellipsoids around the angular gyri and the midline posterior cingulate / precuneus one) and
+# inferior_temporal; normalised by the FDG reference region, the pons (phantom.REFERENCE).
+META_ROI = ("temporoparietal", "inferior_temporal")
 
 # Positivity read as in ADNI practice: a composite of target regions over the tracer's reference region
 # (phantom.REFERENCE) against a published cut-off. AV45: cortical composite, whole-cerebellum reference,
 # SUVR > 1.11 (Landau et al. 2013); AV1451: meta-temporal composite, SUVR > 1.23 (Jack et al. 2017);
-# FDG: temporoparietal meta-ROI over pons, hypometabolic when SUVR < 1.21 (Landau et al. 2011).
+# FDG: the AD meta-ROI (META_ROI) over pons, hypometabolic when SUVR < 1.21 (Landau et al. 2011).
 POSITIVITY: dict[str, tuple[tuple[str, ...], float, str]] = {
     "AV45": (("temporoparietal", "neocortex", "inferior_temporal"), 1.11, ">"),
     "AV1451": (("medial_temporal", "inferior_temporal"), 1.23, ">"),
-    "FDG": (("temporoparietal", "medial_temporal", "inferior_temporal"), 1.21, "<"),
+    "FDG": (META_ROI, 1.21, "<"),
 }
+
+BIOMARKER_KEYS = biomarkers.summary_keys(tuple(REGIONS.values()))
+
+# Braak ROIs (stage code -> phantom regions) from the phantom's stage map: I-II, III-IV, V-VI.
+BRAAK_ROIS = {code: tuple(sorted({r for s, r in BRAAK_REGIONS.items() if (s + 1) // 2 == code})) for code in (1, 2, 3)}
 
 # A restored PET volume (T, d, h, w) in original units from one shard row.
 Predictor = Callable[[dict[str, Any]], torch.Tensor]
@@ -201,18 +223,60 @@ def subject_metrics(fake: torch.Tensor, real: torch.Tensor, mask: np.ndarray, tr
     except ValueError:
         out["psnr_rel"] = out["ssim_rel"] = float("nan")
     out["wasserstein"] = metrics.wasserstein1d(real64[:, m], fake64[:, m])
-    out.update(dict.fromkeys(REGION_METRICS, float("nan")))
     if labels is not None and np.any(labels) and tracer in REFERENCE:
-        lab = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        ref = tuple(LABEL[n] for n in REFERENCE[tracer])
-        targets = tuple(LABEL[n] for n in POSITIVITY[tracer][0])
-        out["suvr_mape"] = _safe(lambda: metrics.suvr_mape(fake64, real64, lab, ref))
-        out["suvr_composite_real"] = _safe(lambda: metrics.composite_suvr(real64, lab, targets, ref))
-        out["suvr_composite_fake"] = _safe(lambda: metrics.composite_suvr(fake64, lab, targets, ref))
-        out["positive_real"] = positivity(out["suvr_composite_real"], tracer)
-        out["positive_fake"] = positivity(out["suvr_composite_fake"], tracer)
-        if math.isfinite(out["positive_real"]) and math.isfinite(out["positive_fake"]):
-            out["positivity_agreement"] = float(out["positive_real"] == out["positive_fake"])
+        out.update(region_metrics(fake64, real64, torch.from_numpy(np.asarray(labels, dtype=np.int64)), tracer))
+    else:
+        out.update(dict.fromkeys(REGION_METRICS + BIOMARKER_METRICS + REGIONAL_SUVR, float("nan")))
+    return out
+
+
+def _ids(names: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(LABEL[n] for n in names)
+
+
+def _regional(volume: torch.Tensor, labels: torch.Tensor, reference: tuple[int, ...]) -> dict[int, float]:
+    """`metrics.regional_suvr`, or {} where the volume has no usable reference region."""
+    try:
+        return metrics.regional_suvr(volume, labels, reference)
+    except ValueError:
+        return {}
+
+
+def region_metrics(fake: torch.Tensor, real: torch.Tensor, labels: torch.Tensor, tracer: str) -> dict[str, float]:
+    """REGION_METRICS, BIOMARKER_METRICS and REGIONAL_SUVR of one subject; NaN where not defined.
+
+    fake, real: restored PET (T, d, h, w); labels: (d, h, w) region ids (phantom.LABEL), not all zero.
+    The biomarkers of other tracers stay NaN: Centiloid is AV45's, Braak stage AV1451's, the meta-ROI FDG's.
+    """
+    ref = _ids(REFERENCE[tracer])
+
+    def composite(volume: torch.Tensor, names: tuple[str, ...]) -> float:
+        return _safe(lambda: metrics.composite_suvr(volume, labels, _ids(names), ref))
+
+    out = dict.fromkeys(REGION_METRICS + BIOMARKER_METRICS + REGIONAL_SUVR, float("nan"))
+    out["suvr_mape"] = _safe(lambda: metrics.suvr_mape(fake, real, labels, ref))
+    for side, volume in (("real", real), ("fake", fake)):
+        regional = _regional(volume, labels, ref)
+        out.update({f"suvr_{side}.{name}": regional.get(key, float("nan")) for key, name in REGIONS.items()})
+        out[f"suvr_composite_{side}"] = composite(volume, POSITIVITY[tracer][0])
+        out[f"positive_{side}"] = positivity(out[f"suvr_composite_{side}"], tracer)
+        if tracer == "AV45":
+            out[f"centiloid_{side}"] = biomarkers.centiloid(out[f"suvr_composite_{side}"])
+        elif tracer == "AV1451":
+            out[f"braak_{side}"] = biomarkers.braak_stage(*(composite(volume, BRAAK_ROIS[c]) for c in (1, 2, 3)))
+        elif tracer == "FDG":
+            out[f"metaroi_{side}"] = composite(volume, META_ROI)
+    if math.isfinite(out["positive_real"]) and math.isfinite(out["positive_fake"]):
+        out["positivity_agreement"] = float(out["positive_real"] == out["positive_fake"])
+    if tracer == "AV45":
+        out["centiloid_error"] = out["centiloid_fake"] - out["centiloid_real"]
+        out["centiloid_abs_error"] = abs(out["centiloid_error"])
+    elif tracer == "AV1451":
+        out["braak_abs_error"] = abs(out["braak_fake"] - out["braak_real"])
+    elif tracer == "FDG":
+        real_roi = out["metaroi_real"]
+        out["metaroi_pct_error"] = 100.0 * (out["metaroi_fake"] - real_roi) / real_roi if real_roi > 0 else float("nan")
+        out["metaroi_abs_pct_error"] = abs(out["metaroi_pct_error"])
     return out
 
 
@@ -262,13 +326,24 @@ def write_figures(row: dict[str, Any], real: torch.Tensor, fake: torch.Tensor, f
     histogram_png(real_np, fake_np, figures / "histogram.png")
 
 
-def summarise(subjects: list[dict[str, Any]]) -> dict[str, Any]:
-    """{"n": subjects, metric: mean over subjects with a finite value (null if none)} for every metric."""
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
+def summarise(subjects: list[dict[str, Any]], tracer: str | None = None) -> dict[str, Any]:
+    """{"n": subjects, metric: mean over subjects with a finite value (null if none)} for every metric, plus the
+    biomarker agreement over the labelled subjects (`biomarkers.summary`: BIOMARKER_KEYS and NOTES_KEY; tracer:
+    the subjects' own when not given)."""
     out: dict[str, Any] = {"n": len(subjects)}
     for key in METRICS:
-        vals = [float(s[key]) for s in subjects if math.isfinite(float(s.get(key, float("nan"))))]
+        vals = [float(s[key]) for s in subjects if _finite(s.get(key))]
         out[key] = float(np.mean(vals)) if vals else None
-    out["n_labelled"] = sum(1 for s in subjects if math.isfinite(float(s.get("suvr_mape", float("nan")))))
+    out["n_labelled"] = sum(1 for s in subjects if _finite(s.get("suvr_mape")))
+    if tracer is None:
+        found = {s.get("tracer") for s in subjects}
+        tracer = found.pop() if len(found) == 1 else None
+    labelled = [s for s in subjects if _finite(s.get("suvr_mape"))]
+    out.update(biomarkers.summary(labelled, tracer, tuple(REGIONS.values()), REFERENCE.get(str(tracer), ())))
     return out
 
 
@@ -316,10 +391,10 @@ def _json_value(v: Any) -> Any:
 
 def write_evaluation(out: Path, evaluation: Evaluation, info: dict[str, Any]) -> tuple[Path, Path]:
     """Write `out/subjects.csv` (one row per subject) and `out/summary.json` (summary + info), atomically."""
-    columns = list(ID_COLUMNS) + list(METRICS)
+    columns = list(ID_COLUMNS) + list(SUBJECT_METRICS)
     csv = write_csv(out / SUBJECTS_CSV, columns,
-                    ([("" if isinstance(s[c], float) and not math.isfinite(s[c]) else s[c]) for c in columns]
-                     for s in evaluation.subjects))
+                    ([("" if isinstance(v, float) and not math.isfinite(v) else v)
+                      for v in (s.get(c, float("nan")) for c in columns)] for s in evaluation.subjects))
     summary = {**info, **{k: _json_value(v) for k, v in evaluation.summary.items()}}
     js = write_text(out / SUMMARY_JSON, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return csv, js
@@ -397,6 +472,8 @@ def main(args: argparse.Namespace, cfg: Config | None = None, explicit: set[str]
     s = evaluation.summary
     print(f"evaluate: {name} on {s['n']} {tracer} {args.split} subjects: " + " ".join(
         f"{k}={s[k]:.4f}" for k in METRICS if s.get(k) is not None))
+    for line in biomarkers.report(s, tuple(REGIONS.values())):
+        print(f"  {line}")
     print(f"wrote {csv} and {js}")
     if args.tracking_uri:
         from ganbert.tracking import MLflowTracker
@@ -404,7 +481,7 @@ def main(args: argparse.Namespace, cfg: Config | None = None, explicit: set[str]
         with MLflowTracker(args.tracking_uri, experiment, f"evaluate-{name}-{tracer}-{args.split}",
                            tags={"ganbert.kind": "evaluate"}) as tracker:
             tracker.log_params({f"evaluate.{k}": v for k, v in info.items()})
-            tracker.log_metrics({f"{args.split}_{k}": v for k, v in s.items() if v is not None}, step=0)
+            tracker.log_metrics({f"{args.split}_{k}": v for k, v in s.items() if isinstance(v, (int, float))}, step=0)
             tracker.log_artifact(csv)
             tracker.log_artifact(js)
             if (out / "figures").is_dir():

@@ -44,8 +44,8 @@ from ganbert.data import folds as folds_mod
 from ganbert.data.folds import Fold
 from ganbert.data.part import Part
 from ganbert.data.shards import SPLITS
-from ganbert.evaluate import (BASELINES, METRICS, Predictor, check_out, generator_predictor, iter_subjects, mean_pet,
-                              predict_row)
+from ganbert.evaluate import (BASELINES, METRICS, SUBJECT_METRICS, Predictor, check_out, generator_predictor,
+                              iter_subjects, mean_pet, predict_row, summarise)
 
 STUDY_TAG = "ganbert.study"
 ROW_TAG = "ganbert.row"
@@ -57,14 +57,23 @@ L1_ROW = "L1-only U-Net"
 # Per-subject metrics compared between rows, and whether higher is better.
 PAIRED_METRICS: dict[str, bool] = {
     "psnr": True, "ssim": True, "rmse": False, "psnr01": True, "ssim01": True, "psnr_brain": True,
-    "ssim_brain": True, "psnr_rel": True, "ssim_rel": True, "wasserstein": False, "suvr_mape": False}
-SHOWN = ("psnr", "ssim", "rmse", "psnr_rel", "ssim_rel", "wasserstein", "suvr_mape")  # in study.md and the forest
+    "ssim_brain": True, "psnr_rel": True, "ssim_rel": True, "wasserstein": False, "suvr_mape": False,
+    "centiloid_abs_error": False, "braak_abs_error": False, "metaroi_abs_pct_error": False}
+SHOWN = ("psnr", "ssim", "rmse", "psnr_rel", "ssim_rel", "wasserstein", "suvr_mape", "centiloid_abs_error",
+         "braak_abs_error", "metaroi_abs_pct_error")  # in study.md
+# Agreement of the generated with the real read over a row's subjects (evaluate.summarise, module biomarkers).
+AGREEMENT = (("centiloid.icc21", "Centiloid ICC"), ("centiloid.ba_bias", "Centiloid bias"),
+             ("positivity.kappa", "positivity kappa"), ("positivity.sensitivity", "sensitivity"),
+             ("positivity.specificity", "specificity"), ("braak.weighted_kappa_quadratic", "Braak kappa (quadratic)"),
+             ("metaroi.icc21", "meta-ROI ICC"))
 FOREST = ("psnr", "ssim_rel", "wasserstein", "suvr_mape")
 DIGITS = {"psnr": 2, "ssim": 3, "rmse": 3, "psnr01": 2, "ssim01": 3, "psnr_brain": 2, "ssim_brain": 3,
-          "psnr_rel": 2, "ssim_rel": 3, "wasserstein": 3, "suvr_mape": 2}
+          "psnr_rel": 2, "ssim_rel": 3, "wasserstein": 3, "suvr_mape": 2, "centiloid_abs_error": 1,
+          "braak_abs_error": 2, "metaroi_abs_pct_error": 2}
 LABELS = {"psnr": "PSNR", "ssim": "SSIM", "rmse": "RMSE", "psnr01": "PSNR [0,1]", "ssim01": "SSIM [0,1]",
           "psnr_brain": "PSNR brain", "ssim_brain": "SSIM brain", "psnr_rel": "PSNR rel", "ssim_rel": "SSIM rel",
-          "wasserstein": "W1", "suvr_mape": "SUVR MAPE %"}
+          "wasserstein": "W1", "suvr_mape": "SUVR MAPE %", "centiloid_abs_error": "|CL error|",
+          "braak_abs_error": "|Braak error|", "metaroi_abs_pct_error": "|meta-ROI error| %"}
 
 
 # --- rows ------------------------------------------------------------------------------------------
@@ -242,7 +251,7 @@ def _members(cell: Cell, data_dir: str) -> list[nn.Module]:
 def subject_records(predict: Predictor, data_dir: str, part: str | Part, tracer: str, meta: dict[str, Any]
                     ) -> list[dict[str, Any]]:
     """One record per subject of a part (its scans averaged): `meta` (set, row, tracer, fold, seed), `subject`,
-    `scans` and each metric of `evaluate.subject_metrics` (None where undefined)."""
+    `scans` and each per-subject value of `evaluate.subject_metrics` (SUBJECT_METRICS; None where undefined)."""
     by_subject: dict[str, list[dict[str, Any]]] = {}
     for values, _, _, _ in iter_subjects(predict, data_dir, part, tracer):
         by_subject.setdefault(str(values["subject"]), []).append(values)
@@ -250,7 +259,7 @@ def subject_records(predict: Predictor, data_dir: str, part: str | Part, tracer:
     for subject in sorted(by_subject):
         scans = by_subject[subject]
         rec: dict[str, Any] = {**meta, "subject": subject, "scans": len(scans)}
-        for metric in METRICS:
+        for metric in SUBJECT_METRICS:
             vals = [float(s[metric]) for s in scans if math.isfinite(float(s.get(metric, float("nan"))))]
             rec[metric] = float(np.mean(vals)) if vals else None
         out.append(rec)
@@ -341,7 +350,7 @@ def render_markdown(name: str, study: Study, info: dict[str, Any], summaries: di
             cells = summaries.get(set_name, {}).get(tracer, {})
             if not cells:
                 continue
-            n = max((c["n"] for row in cells.values() for c in row.values() if c), default=0)
+            n = max((c["n"] for row in cells.values() for k, c in row.items() if c and k != "agreement"), default=0)
             lines += [f"## {tracer}: {set_title(set_name)}, {n} subjects", "",
                       "| row | " + " | ".join(LABELS[m] for m in SHOWN) + " |", "|---|" + "---:|" * len(SHOWN)]
             for row in study.rows:
@@ -350,6 +359,16 @@ def render_markdown(name: str, study: Study, info: dict[str, Any], summaries: di
                           f"{stats[m]['mean']:.{DIGITS[m]}f} [{stats[m]['ci_low']:.{DIGITS[m]}f}, "
                           f"{stats[m]['ci_high']:.{DIGITS[m]}f}]") for m in SHOWN]
                 lines.append(f"| {row.name} | " + " | ".join(shown) + " |")
+            agree = [(key, label) for key, label in AGREEMENT
+                     if any((cells.get(r.name) or {}).get("agreement", {}).get(key) is not None for r in study.rows)]
+            if agree:
+                lines += ["", "Agreement of the generated with the real biomarker read over these subjects (first seed; "
+                          "ICC(2,1), Bland-Altman bias generated - real, Cohen's kappa; module `biomarkers`):", "",
+                          "| row | " + " | ".join(label for _, label in agree) + " |", "|---|" + "---:|" * len(agree)]
+                for row in study.rows:
+                    a = (cells.get(row.name) or {}).get("agreement", {})
+                    lines.append(f"| {row.name} | " + " | ".join("–" if a.get(k) is None else f"{a[k]:.3f}"
+                                                                for k, _ in agree) + " |")
             entries = [e for e in pairs if e["set"] == set_name and e["tracer"] == tracer and e["metric"] in SHOWN]
             if entries:
                 lines += ["", f"Paired against {ref} (row - reference; Wilcoxon p Holm-adjusted over the rows):", "",
@@ -578,8 +597,17 @@ def score_locked(plan: Plan, cells: list[Cell], parent_id: str, say: Callable[[s
     return records
 
 
+def agreement(records: list[dict[str, Any]], set_name: str, tracer: str, row: str) -> dict[str, Any]:
+    """The biomarker agreement (`evaluate.summarise`'s keys) of a row's first seed over the subjects of a set."""
+    mine = [r for r in records if (r["set"], r["tracer"], r["row"]) == (set_name, tracer, row)]
+    first = [r for r in mine if r["seed"] == mine[0]["seed"]] if mine else []
+    found = summarise([{k: (float("nan") if v is None else v) for k, v in r.items()} for r in first], tracer)
+    return {k: found.get(k) for k, _ in AGREEMENT}
+
+
 def analyse(plan: Plan, records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(summaries {set: {tracer: {row: {metric: cell_summary}}}}, paired table) of all subject records."""
+    """(summaries {set: {tracer: {row: {metric: cell_summary, "agreement": {...}}}}}, paired table) of all subject
+    records."""
     rows = [r.name for r in plan.study.rows]
     summaries: dict[str, Any] = {}
     for set_name in plan.sets:
@@ -588,7 +616,8 @@ def analyse(plan: Plan, records: list[dict[str, Any]]) -> tuple[dict[str, Any], 
                 stats = {m: cell_summary(records, set_name, tracer, row, m, plan.resamples, plan.boot_seed)
                          for m in PAIRED_METRICS}
                 if any(stats.values()):
-                    summaries.setdefault(set_name, {}).setdefault(tracer, {})[row] = stats
+                    summaries.setdefault(set_name, {}).setdefault(tracer, {})[row] = stats | {
+                        "agreement": agreement(records, set_name, tracer, row)}
     return summaries, paired_table(records, rows, plan.reference, plan.resamples, plan.boot_seed)
 
 
