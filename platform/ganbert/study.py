@@ -393,11 +393,14 @@ def render_forest(set_name: str, study: Study, reference: str, pairs: list[dict[
     tracers = [t for t in study.tracers if any(e["set"] == set_name and e["tracer"] == t for e in pairs)]
     rows = [r.name for r in study.rows if r.name != reference]
     colours = {paired.BETTER: "tab:green", paired.WORSE: "tab:red", paired.NO_DIFFERENCE: "0.45"}
-    fig = Figure(figsize=(3.2 * len(FOREST) + 1.5, 0.45 * len(rows) * len(tracers) + 1.6 * len(tracers)))
-    axes = np.atleast_2d(fig.subplots(len(tracers), len(FOREST), squeeze=False))
+    cols = 2  # metrics side by side, two per line: readable where MLflow shows the image at its page width
+    lines_per_tracer = -(-len(FOREST) // cols)
+    height = 0.42 * len(rows) + 1.3
+    fig = Figure(figsize=(10.0, height * lines_per_tracer * len(tracers) + 0.6))
+    axes = fig.subplots(lines_per_tracer * len(tracers), cols, squeeze=False)
     for i, tracer in enumerate(tracers):
         for j, metric in enumerate(FOREST):
-            ax = axes[i, j]
+            ax = axes[i * lines_per_tracer + j // cols, j % cols]
             ax.axvline(0.0, color="black", lw=0.8)
             for y, row in enumerate(rows):
                 e = next((e for e in pairs if (e["set"], e["tracer"], e["row"], e["metric"])
@@ -406,14 +409,16 @@ def render_forest(set_name: str, study: Study, reference: str, pairs: list[dict[
                     continue
                 ax.errorbar(e["mean_diff"], y, xerr=[[e["mean_diff"] - e["ci_low"]], [e["ci_high"] - e["mean_diff"]]],
                             fmt="o", color=colours[e["verdict"]], capsize=3)
-            ax.set_yticks(range(len(rows)), rows if j == 0 else [""] * len(rows), fontsize=8)
+                ax.annotate(f"n={e['n']}", (1.0, y), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                            textcoords="offset points", va="center", fontsize=7)
+            ax.set_yticks(range(len(rows)), rows if j % cols == 0 else [""] * len(rows), fontsize=8)
             ax.set_ylim(-0.6, len(rows) - 0.4)
             ax.invert_yaxis()
             better = "higher" if PAIRED_METRICS[metric] else "lower"
             ax.set_title(f"{tracer}: {LABELS[metric]} ({better} is better)", fontsize=9)
             ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"{set_title(set_name)}: difference to {reference}, mean and subject-bootstrap 95 % interval",
-                 fontsize=10)
+    fig.suptitle(f"{set_title(set_name)}:\ndifference to {reference}, mean and subject-bootstrap 95 % interval "
+                 "(green better, red worse, grey no difference at this n)", fontsize=9)
     fig.tight_layout()
     return save_png(fig, path)
 
