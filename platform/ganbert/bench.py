@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import resource
@@ -176,6 +177,20 @@ def phantom_t1(size: str) -> str:
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
+    if args.what == "uncertainty":
+        from ganbert import uncertainty
+
+        if not args.study or not args.row:
+            raise ValueError("bench uncertainty needs --study DIR (a finished `ganbert study --folds K`) and --row NAME")
+        found = uncertainty.measure(Path(args.study), args.row)
+        text = uncertainty.render(found)
+        write_text(Path(args.study) / f"uncertainty-{args.row.replace(' ', '-')}.json", json.dumps(found, indent=1))
+        if args.write:
+            write_section(f"Fold-ensemble uncertainty, {found['row']}",
+                          [f"Command: `ganbert bench uncertainty --study {args.study} --row '{args.row}'`", "",
+                           *text.splitlines()])
+        print(text)
+        return 0
     if args.what == "registration":
         from ganbert.data.bench import bench_registration
         size = {"tiny": "tiny", "demo": "demo"}.get(cfg.preset, "paper")

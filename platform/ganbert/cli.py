@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the reference PET is put in the T1's space (none: trust the headers)")
 
     p = add("bench", _bench, "print benchmark figures (and update BENCHMARKS.md)")
-    p.add_argument("what", choices=("step", "preprocess", "tokens", "loader", "registration"))
+    p.add_argument("what", choices=("step", "preprocess", "tokens", "loader", "registration", "uncertainty"))
+    p.add_argument("--study", default=None, help="uncertainty: a finished `ganbert study --folds K` output folder")
+    p.add_argument("--row", default=None, help="uncertainty: the study row whose fold ensemble is measured")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--data", default=None, help="tokens, loader: preprocessed shards (default: the cached phantom)")
     p.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
