@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"gpu-check: no CUDA GPU visible to torch {torch.__version__} (CUDA build: {torch.version.cuda}); "
               "this check needs one. Nothing was run. For a CPU smoke test of the check itself: "
-              "--device cpu --preset tiny", file=sys.stderr)
+              "--device cpu --preset tiny --skip-compile", file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
