@@ -738,12 +738,15 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     ensure_ray(dashboard=True)
     plan = Plan(study, name, cfg, data_dir, args.tracking_uri or home.default_tracking_uri(), args.seeds, folds,
                 reference, externals, args.bootstrap)
-    result = run_study(plan, out, lambda m: print(f"[study] {m}", flush=True))
+    # saved first, so the runs can be followed while they train (sorted by a metric: children listed flat)
     view = set_runs_view(plan.tracking_uri, cfg.run.experiment, VIEW_PARAMS, VIEW_METRICS,
-                         tags=[ROW_TAG, FOLD_TAG, SEED_TAG], order_by=None)
+                         tags=[ROW_TAG, FOLD_TAG, SEED_TAG], order_by="val_psnr")
+    watch = (f"mlflow ui --backend-store-uri {plan.tracking_uri} --host 127.0.0.1, then open "
+             f"http://127.0.0.1:5000/{view}")
+    print(f"[study] follow the runs in the MLflow UI: {watch} (Chart view for val_psnr per epoch)", flush=True)
+    result = run_study(plan, out, lambda m: print(f"[study] {m}", flush=True))
     print((out / "study.md").read_text())
     print(f"wrote {out / 'study.md'}, {out / 'study.json'} and the forest plots; wall time {result['seconds']:.0f} s; "
           f"{result['overhead']}; tracking: {plan.tracking_uri}")
-    print(f"compare in the MLflow UI: mlflow ui --backend-store-uri {plan.tracking_uri} --host 127.0.0.1, then open "
-          f"http://127.0.0.1:5000/{view}")
+    print(f"compare in the MLflow UI: {watch}")
     return 0
