@@ -47,6 +47,7 @@ class TrainResult:
     model_uri: str | None
     run_id: str | None
     model_dir: str | None
+    seconds: dict[str, float]  # driver wall time: inputs (manifest, trainer), train (TorchTrainer.fit), publish
 
 
 def steps_per_epoch(cfg: Config, train_rows: int) -> int:
@@ -111,6 +112,7 @@ def _quiet_train_reports() -> None:
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: resume if a checkpoint exists, then epochs of GAN steps."""
+    entered = time.perf_counter()
     cfg = from_dict(loop_cfg["config"])
     _quiet_train_reports()
     ctx = ray.train.get_context()
@@ -136,37 +138,69 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         tracker.log_params(cfg.flat())
         tracker.log_metrics(loop_cfg["token_health"], step=0)
     step = meta["step"]
+    setup = {"setup_seconds": time.perf_counter() - entered}  # reported with this attempt's first epoch
     for epoch in range(meta["epoch"] + 1, cfg.optim.epochs):
-        seed_everything(cfg.run.seed + 1000 * (epoch + 1), rank)
-        started, sums, k = time.perf_counter(), {}, 0
-        for k, group in enumerate(_micro_batches(cfg, loop_cfg["data_dir"], epoch, device)):
-            if k >= per_epoch:
-                continue  # drain the shard so every worker finishes the epoch together
-            _maybe_fault(loop_cfg.get("fault"), epoch, k, rank)
-            for key, value in gan_step(group, nets, opt, cfg).items():
-                sums[key] = value if key == "lr" else sums.get(key, 0.0) + value  # lr: the latest
-            step += 1
-            if rank == 0 and cfg.run.log_every and step % cfg.run.log_every == 0:
-                print(f"[train] epoch {epoch} step {step} " + " ".join(f"{a}={b:.4f}" for a, b in
-                      sorted(group_losses(sums, k + 1).items())), flush=True)
-        report: dict[str, Any] = {f"train_{a}": b for a, b in group_losses(sums, min(k + 1, per_epoch)).items()}
-        report.update(epoch=epoch, step=step, epoch_seconds=time.perf_counter() - started)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                figures = Path(tmp) / "figures"
-                # the plain module: a DDP forward would sync buffers with ranks that are not validating
-                report.update(validate(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures))
-                meta = {"epoch": epoch, "step": step, "mlflow_run_id": tracker.run_id, "val_psnr": report["val_psnr"]}
-                save_state(Path(tmp) / "state", cfg, nets, opt, meta)
-                tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
-                for png in sorted(figures.glob("*.png")):
-                    tracker.log_artifact(png, f"figures/epoch_{epoch:04d}")
-                print(f"[val] epoch {epoch}: " + " ".join(f"{a}={float(b):.4f}" for a, b in sorted(report.items())
-                                                         if a.startswith("val_")), flush=True)
-                ckpt = ray.train.Checkpoint.from_directory(str(Path(tmp) / "state"))
-            ray.train.report(report, checkpoint=ckpt)
+        report, step = train_epoch(cfg, loop_cfg, nets, opt, epoch, step, device, rank)
+        report.update(setup)
+        setup = {}
+        end_epoch(cfg, loop_cfg, nets, opt, tracker, report, device, rank)
     tracker.finish()  # the driver logs the best epoch's generator as the run's model (publish_best)
+
+
+def train_epoch(cfg: Config, loop_cfg: dict[str, Any], nets: Networks, opt: Optimisers, epoch: int, step: int,
+                device: torch.device, rank: int) -> tuple[dict[str, Any], int]:
+    """One epoch of GAN steps on this worker: (the epoch's report so far, the step count after it).
+
+    The report holds the mean training losses (`train_*`), `epoch`, `step`, `epoch_seconds` (the whole training
+    pass: data loading and steps) and `step_seconds` (the time spent inside `gan_step` alone).
+    """
+    per_epoch = loop_cfg["steps_per_epoch"]
+    seed_everything(cfg.run.seed + 1000 * (epoch + 1), rank)
+    started, sums, k, in_steps = time.perf_counter(), {}, 0, 0.0
+    for k, group in enumerate(_micro_batches(cfg, loop_cfg["data_dir"], epoch, device)):
+        if k >= per_epoch:
+            continue  # drain the shard so every worker finishes the epoch together
+        _maybe_fault(loop_cfg.get("fault"), epoch, k, rank)
+        began = time.perf_counter()
+        losses = gan_step(group, nets, opt, cfg)
+        in_steps += time.perf_counter() - began
+        for key, value in losses.items():
+            sums[key] = value if key == "lr" else sums.get(key, 0.0) + value  # lr: the latest
+        step += 1
+        if rank == 0 and cfg.run.log_every and step % cfg.run.log_every == 0:
+            print(f"[train] epoch {epoch} step {step} " + " ".join(f"{a}={b:.4f}" for a, b in
+                  sorted(group_losses(sums, k + 1).items())), flush=True)
+    report: dict[str, Any] = {f"train_{a}": b for a, b in group_losses(sums, min(k + 1, per_epoch)).items()}
+    report.update(epoch=epoch, step=step, epoch_seconds=time.perf_counter() - started, step_seconds=in_steps)
+    return report, step
+
+
+def end_epoch(cfg: Config, loop_cfg: dict[str, Any], nets: Networks, opt: Optimisers, tracker: Tracker,
+              report: dict[str, Any], device: torch.device, rank: int) -> None:
+    """Rank 0 validates, checkpoints and logs the epoch (timed: `validate_seconds`, `checkpoint_seconds`,
+    `log_seconds` for the figures' upload); then every rank reports it to Ray Train."""
+    epoch = report["epoch"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            figures = Path(tmp) / "figures"
+            began = time.perf_counter()
+            # the plain module: a DDP forward would sync buffers with ranks that are not validating
+            report.update(validate(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures))
+            saving = time.perf_counter()
+            meta = {"epoch": epoch, "step": report["step"], "mlflow_run_id": tracker.run_id,
+                    "val_psnr": report["val_psnr"]}
+            save_state(Path(tmp) / "state", cfg, nets, opt, meta)
+            logging_ = time.perf_counter()
+            for png in sorted(figures.glob("*.png")):
+                tracker.log_artifact(png, f"figures/epoch_{epoch:04d}")
+            report.update(validate_seconds=saving - began, checkpoint_seconds=logging_ - saving,
+                          log_seconds=time.perf_counter() - logging_)
+            tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
+            print(f"[val] epoch {epoch}: " + " ".join(f"{a}={float(b):.4f}" for a, b in sorted(report.items())
+                                                     if a.startswith("val_")), flush=True)
+            ckpt = ray.train.Checkpoint.from_directory(str(Path(tmp) / "state"))
+        ray.train.report(report, checkpoint=ckpt)
 
 
 def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
@@ -244,19 +278,24 @@ def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainRe
     The run's MLflow run ends FINISHED, or FAILED (training failed for good) or KILLED (interrupted) here, on the
     driver, even when the worker that logged it died.
     """
+    began = time.perf_counter()
     try:
-        result = trainer_for(cfg, data_dir, tracking_uri, **kwargs).fit()
+        trainer = trainer_for(cfg, data_dir, tracking_uri, **kwargs)
+        training = time.perf_counter()
+        result = trainer.fit()
     except KeyboardInterrupt:
         end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "KILLED")
         raise
     except Exception:
         end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "FAILED")
         raise
+    publishing = time.perf_counter()
     best = result.get_best_checkpoint(metric="val_psnr", mode="max")
     model_dir, uri, run_id = publish_best(cfg, best, tracking_uri) if best is not None else (None, None, None)
+    seconds = {"inputs": training - began, "train": publishing - training, "publish": time.perf_counter() - publishing}
     return TrainResult(metrics=dict(result.metrics or {}), checkpoint=result.checkpoint.path if result.checkpoint else None,
                        best_checkpoint=best.path if best is not None else None, model_uri=uri, run_id=run_id,
-                       model_dir=model_dir)
+                       model_dir=model_dir, seconds=seconds)
 
 
 def data_dir_for(cfg: Config, data: str | None) -> str:
