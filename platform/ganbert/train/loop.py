@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -35,6 +36,11 @@ from ganbert.train.device import place_networks
 from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch, unwrap
 
 FAULT_ENV = "GANBERT_FAULT_AT"  # "epoch:step:rank:marker-file": SIGKILL that worker once (failure tests)
+STOP_ENV = "GANBERT_STOP_AFTER_EPOCH"  # "N": stop cleanly after epoch N (checkpointed); rerunning continues at N + 1
+# Train V2's controller takes one report per worker per poll, every 2 s by default, and a worker's next report waits
+# for the last to be taken: epochs shorter than the interval would each last it. The driver's value reaches the
+# controller (Train propagates it); a value the user exported wins.
+POLL_ENV, POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
 
 
 @dataclass
@@ -60,17 +66,55 @@ def steps_per_epoch(cfg: Config, train_rows: int) -> int:
     return steps
 
 
-def _micro_batches(cfg: Config, data_dir: str, epoch: int, device: torch.device) -> Iterator[list[Batch]]:
-    """Groups of `accumulation` normalised micro-batches: this worker's part of the epoch's seeded permutation."""
+def _micro_batches(cfg: Config, data_dir: str, epoch: int, device: torch.device,
+                   rows: loader.SplitRows | None) -> Iterator[list[Batch]]:
+    """Groups of `accumulation` normalised micro-batches: this worker's part of the epoch's seeded permutation,
+    from `rows` held in memory when given, else read through Ray Data (the same rows in the same order)."""
     ctx = ray.train.get_context()
-    ds = loader.epoch_dataset(data_dir, "train", cfg.geometry.tracer, cfg.run.seed, epoch, ctx.get_world_rank(),
-                              ctx.get_world_size())
+    rank, world, size = ctx.get_world_rank(), ctx.get_world_size(), cfg.optim.batch_size
+    if rows is not None:
+        raws = rows.batches(loader.epoch_positions(rows.positions, cfg.run.seed, epoch, rank, world), size,
+                            drop_last=True)
+    else:
+        ds = loader.epoch_dataset(data_dir, "train", cfg.geometry.tracer, cfg.run.seed, epoch, rank, world)
+        raws = loader.torch_batches(ds, size, drop_last=True)
     group: list[Batch] = []
-    for raw in loader.torch_batches(ds, cfg.optim.batch_size, drop_last=True):
+    for raw in raws:
         group.append(to_batch(raw, device))
         if len(group) == cfg.optim.accumulation:
             yield group
             group = []
+
+
+def validates(cfg: Config, epoch: int, last: int) -> bool:
+    """Whether `epoch` is validated: every `run.validate_every`-th epoch, and `last` (the session's last)."""
+    return (epoch + 1) % cfg.run.validate_every == 0 or epoch == last
+
+
+def best_after(val_psnr: float, best: float | None) -> float | None:
+    """The best val PSNR so far once an epoch scored `val_psnr` (None before any finite score; NaN never counts)."""
+    return float(val_psnr) if math.isfinite(val_psnr) and (best is None or val_psnr > best) else best
+
+
+def keeps(cfg: Config, epoch: int, last: int, val_psnr: float, best: float | None) -> bool:
+    """Whether a validated epoch is checkpointed: every `run.checkpoint_every`-th epoch, `last`, and every epoch
+    whose val PSNR beats `best` (the best so far), so the best validated epoch always has its checkpoint."""
+    return (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch == last or best_after(val_psnr, best) != best
+
+
+def last_epoch(cfg: Config, stop_after: int | None) -> int:
+    """The last epoch this session trains: the run's last, or `stop_after` ($GANBERT_STOP_AFTER_EPOCH) if earlier."""
+    return cfg.optim.epochs - 1 if stop_after is None else min(cfg.optim.epochs - 1, stop_after)
+
+
+def stop_after_epoch() -> int | None:
+    """$GANBERT_STOP_AFTER_EPOCH as an epoch index, or None when unset; ValueError naming it otherwise."""
+    value = os.environ.get(STOP_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"${STOP_ENV} must be an epoch index (an integer >= 0), got {value!r}")
+    return int(value)
 
 
 def _maybe_fault(spec: str | None, epoch: int, step: int, rank: int) -> None:
@@ -84,8 +128,7 @@ def _maybe_fault(spec: str | None, epoch: int, step: int, rank: int) -> None:
 
 
 def training_state(cfg: Config, device: torch.device, total_steps: int, checkpoint_dir: Path | None,
-                   pet_stats: tuple[np.ndarray | float, float], restore_rng: bool = True
-                   ) -> tuple[Networks, Optimisers, dict[str, Any]]:
+                   pet_stats: tuple[np.ndarray | float, float]) -> tuple[Networks, Optimisers, dict[str, Any]]:
     """Networks on `device`, then their optimisers, then the checkpoint (if any) loaded into both.
 
     The networks are placed first so every optimiser state tensor lands on its parameter's device (a state
@@ -98,7 +141,7 @@ def training_state(cfg: Config, device: torch.device, total_steps: int, checkpoi
     opt = make_optimisers(nets, cfg, total_steps)
     meta: dict[str, Any] = {"epoch": -1, "step": 0, "mlflow_run_id": None}
     if checkpoint_dir is not None:
-        meta = load_state(checkpoint_dir, nets, opt, restore_rng=restore_rng)
+        meta = load_state(checkpoint_dir, nets, opt)
     return nets, opt, meta
 
 
@@ -111,7 +154,12 @@ def _quiet_train_reports() -> None:
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: resume if a checkpoint exists, then epochs of GAN steps."""
+    """Runs on every Ray Train worker: resume if a checkpoint exists, then epochs of GAN steps.
+
+    Resume is exact without saving any RNG state: every epoch reseeds Python, NumPy and torch from
+    (run.seed, epoch, rank) before its first step and reads the seeded permutation of (run.seed, epoch), and a
+    checkpoint holds every network, optimiser and scheduler state at an epoch's end.
+    """
     entered = time.perf_counter()
     cfg = from_dict(loop_cfg["config"])
     _quiet_train_reports()
@@ -121,12 +169,11 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if cfg.run.threads_per_worker:
         torch.set_num_threads(cfg.run.threads_per_worker)
     seed_everything(cfg.run.seed, rank)
-    per_epoch = loop_cfg["steps_per_epoch"]
+    total = loop_cfg["steps_per_epoch"] * cfg.optim.epochs
     checkpoint = ray.train.get_checkpoint()
-    total = per_epoch * cfg.optim.epochs
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            nets, opt, meta = training_state(cfg, device, total, Path(d), loop_cfg["pet_stats"], rank == 0)
+            nets, opt, meta = training_state(cfg, device, total, Path(d), loop_cfg["pet_stats"])
     else:
         nets, opt, meta = training_state(cfg, device, total, None, loop_cfg["pet_stats"])
     for name, module in nets.named().items():
@@ -137,18 +184,33 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if meta["epoch"] < 0:
         tracker.log_params(cfg.flat())
         tracker.log_metrics(loop_cfg["token_health"], step=0)
-    step = meta["step"]
-    setup = {"setup_seconds": time.perf_counter() - entered}  # reported with this attempt's first epoch
-    for epoch in range(meta["epoch"] + 1, cfg.optim.epochs):
-        report, step = train_epoch(cfg, loop_cfg, nets, opt, epoch, step, device, rank)
+    rows = loader.SplitRows(loop_cfg["data_dir"], "train", cfg.geometry.tracer) if loop_cfg["in_memory"] else None
+    step, best, last = meta["step"], meta.get("best_val_psnr"), last_epoch(cfg, loop_cfg.get("stop_after"))
+    setup, reporting = {"setup_seconds": time.perf_counter() - entered}, 0.0  # setup: with the first epoch
+    for epoch in range(meta["epoch"] + 1, last + 1):
+        report, step = train_epoch(cfg, loop_cfg, nets, opt, epoch, step, device, rank, rows)
         report.update(setup)
         setup = {}
-        end_epoch(cfg, loop_cfg, nets, opt, tracker, report, device, rank)
-    tracker.finish()  # the driver logs the best epoch's generator as the run's model (publish_best)
+        if not validates(cfg, epoch, last):  # no Ray Train report: Tune and the checkpoint ranking see validated epochs
+            tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt, best = end_validated_epoch(cfg, loop_cfg, nets, opt, tracker, report, device, rank, last, best,
+                                             Path(tmp))
+            began = time.perf_counter()
+            ray.train.report(report, checkpoint=ckpt)
+            reporting += time.perf_counter() - began
+    # this attempt's time in ray.train.report (hand-off, checkpoint upload) and in this function, for bench overhead
+    tracker.log_metrics({"report_seconds": reporting, "loop_seconds": time.perf_counter() - entered}, step=last)
+    if last < cfg.optim.epochs - 1 and rank == 0:
+        print(f"[train] stopped after epoch {last} of {cfg.optim.epochs} (${STOP_ENV}); rerun the same command "
+              "to continue", flush=True)
+    # the driver logs the best epoch's generator as the run's model (publish_best)
+    tracker.finish("FINISHED" if last == cfg.optim.epochs - 1 else "KILLED")
 
 
 def train_epoch(cfg: Config, loop_cfg: dict[str, Any], nets: Networks, opt: Optimisers, epoch: int, step: int,
-                device: torch.device, rank: int) -> tuple[dict[str, Any], int]:
+                device: torch.device, rank: int, rows: loader.SplitRows | None) -> tuple[dict[str, Any], int]:
     """One epoch of GAN steps on this worker: (the epoch's report so far, the step count after it).
 
     The report holds the mean training losses (`train_*`), `epoch`, `step`, `epoch_seconds` (the whole training
@@ -157,7 +219,7 @@ def train_epoch(cfg: Config, loop_cfg: dict[str, Any], nets: Networks, opt: Opti
     per_epoch = loop_cfg["steps_per_epoch"]
     seed_everything(cfg.run.seed + 1000 * (epoch + 1), rank)
     started, sums, k, in_steps = time.perf_counter(), {}, 0, 0.0
-    for k, group in enumerate(_micro_batches(cfg, loop_cfg["data_dir"], epoch, device)):
+    for k, group in enumerate(_micro_batches(cfg, loop_cfg["data_dir"], epoch, device, rows)):
         if k >= per_epoch:
             continue  # drain the shard so every worker finishes the epoch together
         _maybe_fault(loop_cfg.get("fault"), epoch, k, rank)
@@ -175,32 +237,38 @@ def train_epoch(cfg: Config, loop_cfg: dict[str, Any], nets: Networks, opt: Opti
     return report, step
 
 
-def end_epoch(cfg: Config, loop_cfg: dict[str, Any], nets: Networks, opt: Optimisers, tracker: Tracker,
-              report: dict[str, Any], device: torch.device, rank: int) -> None:
-    """Rank 0 validates, checkpoints and logs the epoch (timed: `validate_seconds`, `checkpoint_seconds`,
-    `log_seconds` for the figures' upload); then every rank reports it to Ray Train."""
-    epoch = report["epoch"]
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if rank == 0:
-            figures = Path(tmp) / "figures"
-            began = time.perf_counter()
-            # the plain module: a DDP forward would sync buffers with ranks that are not validating
-            report.update(validate(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures))
-            saving = time.perf_counter()
-            meta = {"epoch": epoch, "step": report["step"], "mlflow_run_id": tracker.run_id,
-                    "val_psnr": report["val_psnr"]}
-            save_state(Path(tmp) / "state", cfg, nets, opt, meta)
-            logging_ = time.perf_counter()
-            for png in sorted(figures.glob("*.png")):
-                tracker.log_artifact(png, f"figures/epoch_{epoch:04d}")
-            report.update(validate_seconds=saving - began, checkpoint_seconds=logging_ - saving,
-                          log_seconds=time.perf_counter() - logging_)
-            tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
-            print(f"[val] epoch {epoch}: " + " ".join(f"{a}={float(b):.4f}" for a, b in sorted(report.items())
-                                                     if a.startswith("val_")), flush=True)
-            ckpt = ray.train.Checkpoint.from_directory(str(Path(tmp) / "state"))
-        ray.train.report(report, checkpoint=ckpt)
+def end_validated_epoch(cfg: Config, loop_cfg: dict[str, Any], nets: Networks, opt: Optimisers, tracker: Tracker,
+                        report: dict[str, Any], device: torch.device, rank: int, last: int, best: float | None,
+                        tmp: Path) -> tuple[ray.train.Checkpoint | None, float | None]:
+    """On rank 0: validate the epoch into `report`, checkpoint it under `tmp` if `keeps` says so, log it (timed:
+    `validate_seconds`, `checkpoint_seconds`, `log_seconds` for the figures' upload).
+
+    Returns (the checkpoint to report or None, the best val PSNR so far, which each checkpoint records); other
+    ranks return (None, `best`) at once.
+    """
+    if rank != 0:
+        return None, best
+    epoch, ckpt = report["epoch"], None
+    figures = tmp / "figures"
+    began = time.perf_counter()
+    # the plain module: a DDP forward would sync buffers with ranks that are not validating
+    report.update(validate(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures))
+    saving = time.perf_counter()
+    keep = keeps(cfg, epoch, last, report["val_psnr"], best)
+    best = best_after(report["val_psnr"], best)
+    if keep:
+        meta = {"epoch": epoch, "step": report["step"], "mlflow_run_id": tracker.run_id,
+                "val_psnr": report["val_psnr"], "best_val_psnr": best}
+        ckpt = ray.train.Checkpoint.from_directory(str(save_state(tmp / "state", cfg, nets, opt, meta)))
+    logging_ = time.perf_counter()
+    for png in sorted(figures.glob("*.png")):
+        tracker.log_artifact(png, f"figures/epoch_{epoch:04d}")
+    report.update(validate_seconds=saving - began, checkpoint_seconds=logging_ - saving,
+                  log_seconds=time.perf_counter() - logging_)
+    tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
+    print(f"[val] epoch {epoch}: " + " ".join(f"{a}={float(b):.4f}" for a, b in sorted(report.items())
+                                             if a.startswith("val_")), flush=True)
+    return ckpt, best
 
 
 def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
@@ -224,7 +292,9 @@ def loop_config(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
                  "steps_per_epoch": steps_per_epoch(cfg, loader.rows_in(manifest, "train", tracer)),
                  "pet_stats": (found["pet_mean_volume"], found["pet_std"]),
                  "token_health": stats.token_health(cfg, data_dir),
-                 "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV)}
+                 "in_memory": loader.fits_in_memory(manifest, "train", tracer, cfg.geometry, cfg.run.in_memory_mb),
+                 "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV),
+                 "stop_after": stop_after_epoch()}
 
 
 def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
@@ -232,6 +302,7 @@ def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
     """The `TorchTrainer` of one run: datasets from the shards, best-by-val-PSNR checkpoints, retries."""
     cfg, loop_cfg = loop_config(cfg, data_dir, tracking_uri, parent_run_id, tags)
     storage = home.resolve(cfg.run.storage)
+    os.environ.setdefault(POLL_ENV, POLL_SECONDS)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,

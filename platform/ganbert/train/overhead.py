@@ -10,9 +10,9 @@ from pathlib import Path
 from ganbert import config as config_mod
 from ganbert.config import Config
 
-# Per-epoch timings the loop reports (train_epoch, end_epoch) and rank 0 logs to MLflow at step = epoch.
+# Timings rank 0 logs to MLflow (train/loop.py): per epoch (step = epoch), and per attempt of the worker loop.
 EPOCH_KEYS = ("epoch_seconds", "step_seconds", "validate_seconds", "checkpoint_seconds", "log_seconds",
-              "setup_seconds")
+              "setup_seconds", "report_seconds", "loop_seconds")
 
 
 def epoch_sums(tracking_uri: str, run_id: str) -> dict[str, float]:
@@ -26,22 +26,22 @@ def epoch_sums(tracking_uri: str, run_id: str) -> dict[str, float]:
 def breakdown(wall: float, ray_start: float, driver: dict[str, float], sums: dict[str, float]) -> dict[str, float]:
     """Seconds of one run by where they went: `step compute` (inside `gan_step`) and everything else.
 
-    `wall` covers Ray's start and `fit`; `driver` is `TrainResult.seconds`; `sums` is `epoch_sums`. What the
-    workers did not time themselves (the Ray Train worker group's start and end, handing each report and its
-    checkpoint to Ray Train, MLflow metric writes) is `Ray Train and the rest`.
+    `wall` covers Ray's start and `fit`; `driver` is `TrainResult.seconds`; `sums` is `epoch_sums`.
     """
-    timed_on_workers = (sums["setup_seconds"] + sums["epoch_seconds"] + sums["validate_seconds"]
-                        + sums["checkpoint_seconds"] + sums["log_seconds"])
+    timed = sum(sums[k] for k in ("setup_seconds", "epoch_seconds", "validate_seconds", "checkpoint_seconds",
+                                  "log_seconds", "report_seconds"))
     parts = {
         "step compute": sums["step_seconds"],
         "Ray start": ray_start,
         "run inputs (manifest, token health, trainer)": driver["inputs"],
-        "worker setup (networks, DDP, MLflow run)": sums["setup_seconds"],
+        "Ray Train worker group start and end": driver["train"] - sums["loop_seconds"],
+        "worker setup (networks, DDP, MLflow run, rows)": sums["setup_seconds"],
         "data loading (training pass minus steps)": sums["epoch_seconds"] - sums["step_seconds"],
         "validation and figures": sums["validate_seconds"],
         "checkpoint writes": sums["checkpoint_seconds"],
         "MLflow figure uploads": sums["log_seconds"],
-        "Ray Train and the rest": driver["train"] - timed_on_workers,
+        "Ray Train reports (hand-off, checkpoint upload)": sums["report_seconds"],
+        "MLflow metric writes and the rest of the loop": sums["loop_seconds"] - timed,
         "publish best model": driver["publish"],
     }
     parts["overhead (wall - step compute)"] = wall - sums["step_seconds"]
