@@ -363,6 +363,8 @@ def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainRe
     publishing = time.perf_counter()
     best = result.get_best_checkpoint(metric="val_psnr", mode="max")
     model_dir, uri, run_id = publish_best(cfg, best, tracking_uri) if best is not None else (None, None, None)
+    if int((result.metrics or {}).get("epoch", cfg.optim.epochs - 1)) < cfg.optim.epochs - 1:  # $GANBERT_STOP_AFTER_EPOCH
+        end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "KILLED", replace=("FINISHED",))
     seconds = {"inputs": training - began, "train": publishing - training, "publish": time.perf_counter() - publishing}
     return TrainResult(metrics=dict(result.metrics or {}), checkpoint=result.checkpoint.path if result.checkpoint else None,
                        best_checkpoint=best.path if best is not None else None, model_uri=uri, run_id=run_id,
