@@ -78,6 +78,9 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.what == "overhead":
+        from ganbert.train import overhead
+        return overhead.main(args, load_config(args))
     from ganbert import bench
     return bench.main(args, load_config(args))
 
@@ -189,11 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the reference PET is put in the T1's space (none: trust the headers)")
 
     p = add("bench", _bench, "print benchmark figures (and update BENCHMARKS.md)")
-    p.add_argument("what", choices=("step", "preprocess", "tokens", "loader", "registration", "uncertainty"))
+    p.add_argument("what", choices=("step", "preprocess", "tokens", "loader", "registration", "overhead",
+                                     "uncertainty"))
     p.add_argument("--study", default=None, help="uncertainty: a finished `ganbert study --folds K` output folder")
     p.add_argument("--row", default=None, help="uncertainty: the study row whose fold ensemble is measured")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--data", default=None, help="tokens, loader: preprocessed shards (default: the cached phantom)")
+    p.add_argument("--data", default=None, help="tokens, loader, overhead: preprocessed shards (default: the cached phantom)")
     p.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
     _config_args(p)
 
@@ -205,8 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv`; `key.path=value` overrides may also follow options that come after a positional
+    (`ganbert bench overhead --preset tiny optim.epochs=20`), which argparse alone leaves unrecognised."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.handler(args) or 0)
     except ValueError as err:

@@ -171,6 +171,65 @@ def epoch_dataset(data_dir: Path | str, split: str | Part, tracer: str | None, s
     return positions_dataset(epoch_positions(split_positions(data_dir, split, tracer), seed, epoch, rank, world))
 
 
+def row_bytes(geometry: GeometryConfig) -> int:
+    """Bytes of one decoded shard row: uint8 MRI, float32 PET frames, uint8 brain mask and labels, the affine."""
+    pet_grid = int(np.prod(geometry.pet_size))
+    return int(np.prod(geometry.mri_size)) + 4 * geometry.pet_frames * pet_grid + 2 * pet_grid + 16 * 8
+
+
+def fits_in_memory(manifest: dict[str, Any], split: str | Part, tracer: str | None, geometry: GeometryConfig,
+                   budget_mb: int) -> bool:
+    """Whether the decoded rows of a split or Part (and tracer) take at most `budget_mb` MiB (`SplitRows` holds
+    them; for a Part, the whole shards its rows lie in are read)."""
+    return rows_in(manifest, split, tracer) * row_bytes(geometry) <= budget_mb * 2**20
+
+
+def _numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """A pyarrow table -> {column: numpy array}, as Ray Data's numpy batch format gives it to `_to_torch`."""
+    out: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if isinstance(column.type, pa.FixedShapeTensorType):
+            out[name] = column.to_numpy_ndarray()
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
+class SplitRows:
+    """Every row of a split (and tracer), read once with pyarrow and held in memory; served in any order.
+
+    For training splits that fit in memory (`fits_in_memory`): an epoch then costs no Ray Data planning or
+    reads, and `batches(epoch_positions(...))` yields exactly what `torch_batches(epoch_dataset(...))` does.
+    """
+
+    def __init__(self, data_dir: Path | str, split: str | Part, tracer: str | None = None) -> None:
+        self.positions = split_positions(data_dir, split, tracer)
+        paths = list(dict.fromkeys(path for path, _ in self.positions))
+        tables = [pq.read_table(_open(path)) for path in paths]  # whole shards; a Part keeps only its rows' index
+        offset = dict(zip(paths, itertools.accumulate((t.num_rows for t in tables), initial=0)))
+        rows = dict(zip(paths, (t.num_rows for t in tables)))
+        bad = [(path, row) for path, row in self.positions if row >= rows[path]]
+        if bad:
+            raise ValueError(f"{as_part(split).describe()} of {data_dir}: the manifest lists row {bad[0][1]} of "
+                             f"{bad[0][0]}, which holds {rows[bad[0][0]]} rows")
+        self.table = pa.concat_tables(tables).combine_chunks()
+        self.index = {(path, row): offset[path] + row for path, row in self.positions}
+
+    def batches(self, positions: list[tuple[str, int]], batch_size: int,
+                drop_last: bool = False) -> Iterator[dict[str, Any]]:
+        """Torch batches (as `torch_batches` yields them) of the rows at `positions`, in that order."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        unknown = [p for p in positions if p not in self.index]
+        if unknown:
+            raise ValueError(f"positions: {unknown[0]} is not a row of this split")
+        end = len(positions) - len(positions) % batch_size if drop_last else len(positions)
+        for start in range(0, end, batch_size):
+            rows = [self.index[p] for p in positions[start:start + batch_size]]
+            yield _to_torch(_numpy_batch(self.table.take(rows)))
+
+
 def legacy_read_split(data_dir: Path | str, split: str, tracer: str | None = None) -> Any:
     """The former loader (read_parquet in shard order), kept only for `ganbert bench loader` comparisons."""
     import ray
