@@ -504,10 +504,11 @@ def _fold_name(fold: Fold | None) -> str:
 
 
 def epoch_compute(tracking_uri: str, run_id: str) -> float:
-    """Sum of a run's per-epoch step compute (its `epoch_seconds` metric history, the latest value per epoch)."""
+    """Sum of a run's per-epoch step compute: its `step_seconds` metric history (time inside `gan_step`, the latest
+    value per epoch), as `ganbert bench overhead` counts it."""
     from mlflow import MlflowClient
 
-    points = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "epoch_seconds"), key=lambda m: m.timestamp)
+    points = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "step_seconds"), key=lambda m: m.timestamp)
     return float(sum({m.step: m.value for m in points}.values()))
 
 
