@@ -79,3 +79,25 @@ def local_ray() -> Iterator[None]:
     ensure_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def phantom_t1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, "Path"]:
+    """One tiny phantom subject (index 0: it has a FLAIR) with an AV45 PET: {"raw", "t1", "flair", "pet"} paths.
+
+    Its T1's template registration is made once here and reused by QC in this process (brainmask's per-file cache).
+    """
+    from pathlib import Path
+
+    from ganbert import qc
+    from ganbert.data import adni, dicom, phantom
+    from ganbert.synthesize import _file_key
+
+    raw = phantom.write_cohort(tmp_path_factory.mktemp("phantom_t1"), 1, ("AV45",), "tiny", 0)
+    scans = adni.ingest(raw, 365).scans
+    t1 = raw / next(s for s in scans if s.kind == "T1").files[0]
+    pet = raw / next(s for s in scans if s.kind == "PET").files[0]
+    flair = next(Path(p) for p in sorted((raw / "ADNI").rglob("*FLAIR*.nii")))
+    vol = dicom.read_any(t1)
+    qc.assess(vol.data, vol.affine, key=_file_key(t1))
+    return {"raw": raw, "t1": t1, "flair": flair, "pet": pet}
