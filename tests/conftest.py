@@ -101,3 +101,22 @@ def phantom_t1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, "Path"]:
     vol = dicom.read_any(t1)
     qc.assess(vol.data, vol.affine, key=_file_key(t1))
     return {"raw": raw, "t1": t1, "flair": flair, "pet": pet}
+
+
+@pytest.fixture(scope="session")
+def static_pet(phantom_t1: dict[str, "Path"], tmp_path_factory: pytest.TempPathFactory) -> "Path":
+    """The phantom's AV45 PET averaged over frames and resampled to 3 mm voxels (a static PET as scanners export it),
+    as a 3D NIfTI: a PET handed in where a T1 belongs."""
+    import nibabel as nib
+    import numpy as np
+
+    from ganbert.data.grid import resample
+
+    img = nib.load(str(phantom_t1["pet"]))
+    data = img.get_fdata(dtype=np.float32).mean(axis=3)
+    zooms = np.linalg.norm(img.affine[:3, :3], axis=0)
+    shape = np.round(np.asarray(data.shape) * zooms / 3.0).astype(int)
+    affine = img.affine @ np.diag([*(3.0 / zooms), 1.0])
+    path = tmp_path_factory.mktemp("static_pet") / "static_pet.nii.gz"
+    nib.save(nib.Nifti1Image(resample(data, img.affine, affine, tuple(shape)), affine), str(path))
+    return path

@@ -81,14 +81,19 @@ def test_half_the_head_cropped_away_fails_coverage(t1: tuple[np.ndarray, np.ndar
     assert bad.failed_checks == ("brain coverage",) and bad.scores["brain_coverage"] < 0.7
 
 
+def test_the_tiny_phantom_pet_fails_on_its_voxel_size_alone(phantom_t1: dict[str, Path]) -> None:
+    vol = dicom.read_any(phantom_t1["pet"])
+    report = qc.assess(vol.data.mean(axis=3), vol.affine)
+    assert report.failed_checks == ("voxel size",) and report.registration is None
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("which", "check"), [("pet", "scalp"), ("flair", "contrast")])
-def test_phantom_pet_and_flair_fail_after_their_own_registration(phantom_t1: dict[str, Path], which: str,
-                                                                 check: str) -> None:
-    vol = dicom.read_any(phantom_t1[which])
-    data = vol.data.mean(axis=3) if vol.data.ndim == 4 else vol.data
-    report = qc.assess(data, vol.affine)
-    assert check in report.failed_checks, report.scores
+def test_phantom_flair_and_a_static_pet_fail_after_their_own_registration(phantom_t1: dict[str, Path],
+                                                                          static_pet: Path) -> None:
+    for path, check in ((phantom_t1["flair"], "contrast"), (static_pet, "scalp")):
+        vol = dicom.read_any(path)
+        report = qc.assess(vol.data, vol.affine)
+        assert report.registration is not None and check in report.failed_checks, (path, report.scores)
 
 
 @pytest.mark.slow

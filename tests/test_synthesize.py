@@ -348,23 +348,15 @@ def _tiny_model(path: Path, seed: int, **overrides: object) -> Path:
     return save_model_dir(path, cfg, build_generator(cfg))
 
 
-@pytest.fixture(scope="module")
-def pet3d(phantom_t1: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The phantom's AV45 PET averaged over frames, as a 3D NIfTI: a PET handed in as if it were a T1."""
-    img = nib.load(str(phantom_t1["pet"]))
-    path = tmp_path_factory.mktemp("pet3d") / "static_pet.nii.gz"
-    nib.save(nib.Nifti1Image(img.get_fdata(dtype=np.float32).mean(axis=3), img.affine), str(path))
-    return path
-
-
 @pytest.mark.slow
-def test_qc_rejects_a_pet_naming_file_and_check_and_skip_qc_records_it(model_dir: Path, pet3d: Path, tmp_path: Path,
+def test_qc_rejects_a_pet_naming_file_and_check_and_skip_qc_records_it(model_dir: Path, static_pet: Path,
+                                                                      tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "x.nii.gz"
-    argv = ["synthesize", "--model", str(model_dir), "--mri", str(pet3d), "--out", str(out)]
+    argv = ["synthesize", "--model", str(model_dir), "--mri", str(static_pet), "--out", str(out)]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert f"{pet3d}: T1 quality control failed: scalp: scalp/WM" in err and "--skip-qc overrides" in err, err
+    assert f"{static_pet}: T1 quality control failed: scalp: scalp/WM" in err and "--skip-qc overrides" in err, err
     assert list(tmp_path.iterdir()) == []  # nothing written for a rejected input
     assert cli.main(argv + ["--skip-qc"]) == 0
     record = json.loads((tmp_path / "x_qc.json").read_text())

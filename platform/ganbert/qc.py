@@ -10,9 +10,9 @@ What is checked, in this order (every failure is named; thresholds in `Threshold
 - brain coverage: the fraction of the template brain inside the T1's field of view after registration.
 - similarity: Pearson correlation of the T1 (resampled into template space) with the template head, over the
   brain and the 16 mm around it (skull and scalp): a T1 of a head correlates, noise, CT or an inverted image not.
-- contrast: medians of the T1 in the template's white matter, grey matter and CSF: GM / WM at most `max_gm_wm`
-  and CSF / GM at most `max_csf_gm` (white brighter than grey brighter than CSF: T1 weighting; FLAIR, T2, CT and
-  FDG PET fail).
+- contrast: medians of the T1 in the template's white matter, grey matter and CSF: GM / WM within
+  `min_gm_wm`..`max_gm_wm` and CSF / GM at most `max_csf_gm` (white brighter than grey brighter than CSF: T1
+  weighting; FLAIR, T2, CT and FDG PET fail, and so does a tissue probability map with black grey matter).
 - scalp: median in the template's scalp band over WM at least `min_scalp_wm` (scalp fat is bright on a T1; a
   skull-stripped T1, a PET or a CT has none).
 Scores are robust medians and correlations on the 2 mm template grid; no header text is read.
@@ -43,6 +43,7 @@ class Thresholds:
     fov_mm: tuple[float, float] = (120.0, 400.0)
     min_coverage: float = 0.9
     min_similarity: float = 0.5
+    min_gm_wm: float = 0.4
     max_gm_wm: float = 0.85
     max_csf_gm: float = 0.95
     min_scalp_wm: float = 0.3
@@ -202,6 +203,8 @@ def _image_failures(s: dict[str, float], limits: Thresholds) -> list[str]:
     bad = []
     if not s["gm_wm"] <= limits.max_gm_wm:
         bad.append(f"GM/WM {s['gm_wm']:.2f} > {limits.max_gm_wm:g} (white matter not brighter than grey matter)")
+    elif not s["gm_wm"] >= limits.min_gm_wm:
+        bad.append(f"GM/WM {s['gm_wm']:.2f} < {limits.min_gm_wm:g} (grey matter nearly black: a tissue map?)")
     if not s["csf_gm"] <= limits.max_csf_gm:
         bad.append(f"CSF/GM {s['csf_gm']:.2f} > {limits.max_csf_gm:g} (CSF not darker than grey matter)")
     if bad:
