@@ -70,7 +70,7 @@ def qc_png(path: Path, mri: np.ndarray, mri_affine: np.ndarray, pet: np.ndarray,
     columns: list[tuple[str, Any]] = [("T1 + template brain", None), ("synthetic PET", pet_mean)]
     if sd is not None:
         columns.append(("ensemble SD", np.asarray(sd, np.float32).mean(axis=0)))
-    fig = Figure(figsize=(3.4 * len(columns), 9.6))
+    fig = Figure(figsize=(3.4 * len(columns), 9.6), layout="constrained")
     fig.suptitle(title, fontsize=9)
     axes = np.atleast_2d(fig.subplots(3, len(columns)))
     ranges = {name: (float(np.nanpercentile(v, 1)), float(np.nanpercentile(v, 99.5))) for name, v in columns
