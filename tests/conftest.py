@@ -79,3 +79,44 @@ def local_ray() -> Iterator[None]:
     ensure_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def phantom_t1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, "Path"]:
+    """One tiny phantom subject (index 0: it has a FLAIR) with an AV45 PET: {"raw", "t1", "flair", "pet"} paths.
+
+    Its T1's template registration is made once here and reused by QC in this process (brainmask's per-file cache).
+    """
+    from pathlib import Path
+
+    from ganbert import qc
+    from ganbert.data import adni, dicom, phantom
+    from ganbert.synthesize import _file_key
+
+    raw = phantom.write_cohort(tmp_path_factory.mktemp("phantom_t1"), 1, ("AV45",), "tiny", 0)
+    scans = adni.ingest(raw, 365).scans
+    t1 = raw / next(s for s in scans if s.kind == "T1").files[0]
+    pet = raw / next(s for s in scans if s.kind == "PET").files[0]
+    flair = next(Path(p) for p in sorted((raw / "ADNI").rglob("*FLAIR*.nii")))
+    vol = dicom.read_any(t1)
+    qc.assess(vol.data, vol.affine, key=_file_key(t1))
+    return {"raw": raw, "t1": t1, "flair": flair, "pet": pet}
+
+
+@pytest.fixture(scope="session")
+def static_pet(phantom_t1: dict[str, "Path"], tmp_path_factory: pytest.TempPathFactory) -> "Path":
+    """The phantom's AV45 PET averaged over frames and resampled to 3 mm voxels (a static PET as scanners export it),
+    as a 3D NIfTI: a PET handed in where a T1 belongs."""
+    import nibabel as nib
+    import numpy as np
+
+    from ganbert.data.grid import resample
+
+    img = nib.load(str(phantom_t1["pet"]))
+    data = img.get_fdata(dtype=np.float32).mean(axis=3)
+    zooms = np.linalg.norm(img.affine[:3, :3], axis=0)
+    shape = np.round(np.asarray(data.shape) * zooms / 3.0).astype(int)
+    affine = img.affine @ np.diag([*(3.0 / zooms), 1.0])
+    path = tmp_path_factory.mktemp("static_pet") / "static_pet.nii.gz"
+    nib.save(nib.Nifti1Image(resample(data, img.affine, affine, tuple(shape)), affine), str(path))
+    return path

@@ -1,4 +1,5 @@
-"""The pure layers (networks, sequences, the GAN step, metrics) import neither Ray nor MLflow."""
+"""The pure layers (networks, sequences, the GAN step, metrics, input QC, ensembles, atlas, model cards) import
+neither Ray nor MLflow."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 PLATFORM = Path(__file__).resolve().parents[1] / "platform"
 PURE = ["ganbert.models"] + sorted(f"ganbert.models.{p.stem}" for p in (PLATFORM / "ganbert" / "models").glob("*.py")
                                    if p.stem != "__init__") + ["ganbert.sequence", "ganbert.train.step",
-                                                               "ganbert.metrics", "ganbert.biomarkers"]
+                                                               "ganbert.metrics", "ganbert.biomarkers", "ganbert.qc",
+                                                               "ganbert.atlas", "ganbert.ensemble", "ganbert.model_card"]
 EDGES = ("ray", "mlflow")
 
 

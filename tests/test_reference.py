@@ -57,7 +57,8 @@ def test_cli_scores_the_output_and_refuses_to_overwrite(cohorts: dict[str, tuple
     assert report["registration"]["mode"] == "rigid" and report["mask_source"] == "template"
     assert np.isfinite(report["metrics"]["psnr"]) and np.isfinite(report["metrics"]["psnr_brain"])
     assert "reference: PSNR" in capsys.readouterr().out
-    out.unlink()  # the report alone still blocks a rerun without --overwrite
+    for path in (out, *(tmp_path / "syn").glob("pet_qc.*")):
+        path.unlink()  # the report alone still blocks a rerun without --overwrite
     assert cli.main(argv) == 2
     assert "pet_reference.json: exists; pass --overwrite" in capsys.readouterr().err
     assert cli.main(argv + ["--overwrite"]) == 0

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-days", type=int, default=365, help="max days between a PET and its T1")
     p.add_argument("--registration", choices=("rigid", "none"), default="rigid",
                    help="rigid: register each PET to its T1 (mutual information, SimpleITK); none: trust the headers")
+    p.add_argument("--skip-qc", action="store_true",
+                   help="keep T1s that fail input QC (scores are still recorded in each manifest row)")
     _config_args(p)
 
     p = add("train", _train, "train on Ray Train (resumes when rerun with the same run.name)")
@@ -176,8 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--out", default="runs/report")
 
-    p = add("synthesize", _synthesize, "synthesise PET (4D NIfTI, original units) from T1 MRI")
-    p.add_argument("--model", required=True, help="MLflow model URI or a checkpoint/model directory")
+    p = add("synthesize", _synthesize, "synthesise PET (4D NIfTI, original units) from T1 MRI, after input QC")
+    p.add_argument("--model", required=True, action="append",
+                   help="MLflow model URI, a model/checkpoint folder, or a folder as a URI pyarrow reads (file://, "
+                        "s3://, gs://); repeat for an ensemble (members averaged, voxel-wise SD written)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: add each model's left-right mirrored input (mirrored back)")
+    p.add_argument("--skip-qc", action="store_true",
+                   help="do not reject inputs that fail input QC (the scores are still recorded in _qc.json)")
     p.add_argument("--mri", required=True, help="a T1 NIfTI, or a folder of them (Ray Data)")
     p.add_argument("--out", required=True, help="output NIfTI, or a folder in folder mode")
     p.add_argument("--tracking-uri", default=None)
@@ -193,12 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("bench", _bench, "print benchmark figures (and update BENCHMARKS.md)")
     p.add_argument("what", choices=("step", "preprocess", "tokens", "loader", "registration", "overhead",
-                                     "uncertainty"))
+                                     "uncertainty", "qc"))
     p.add_argument("--study", default=None, help="uncertainty: a finished `ganbert study --folds K` output folder")
     p.add_argument("--row", default=None, help="uncertainty: the study row whose fold ensemble is measured")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--data", default=None, help="tokens, loader, overhead: preprocessed shards (default: the cached phantom)")
     p.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
+    p.add_argument("--subjects", type=int, default=6, help="qc: phantom subjects per size (index 0 has a FLAIR)")
     _config_args(p)
 
     p = add("demo", _demo, "the main job: phantom cohort -> preprocess -> train -> evaluate -> synthesise")

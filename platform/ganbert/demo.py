@@ -2,7 +2,8 @@
 Ray Train (demo preset, CPU workers: the configured method, then the L1-only U-Net) -> test-split evaluation
 (`ganbert.evaluate`, checkpoints chosen on val, beside the mean-PET baseline) -> synthesis of a held-out subject.
 
-Everything is written under --out; the last three lines are `model:`, `tracking:` and `synthesized:`.
+Everything is written under --out; the last four lines are `model:`, `tracking:`, `synthesized:` and `qc picture:`
+(the synthesised subject's QC picture: its T1 with the registered template's brain outline and the PET over it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ganbert.data import loader, phantom, preprocess, shards
 from ganbert.atomic import write_text
 from ganbert.evaluate import Evaluation, evaluate_split, generator_predictor, mean_pet, write_evaluation
 from ganbert.raysession import ensure_ray
-from ganbert.synthesize import synthesize_file
+from ganbert.synthesize import load_members, synthesize_file
 from ganbert.tracking import set_runs_view
 from ganbert.train import loop
 from ganbert.train.checkpoint import load_generator
@@ -106,12 +107,13 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         write_evaluation(out / "evaluation" / label.replace(" ", "-"), evaluation, {"name": label, "split": "test",
                                                                                   "tracer": tracer})
     n_test = loader.count_rows(data_dir, "test", tracer)
-    generator, _ = load_generator(Path(result.model_dir))  # the logged model (`model:` below)
+    members = load_members([str(result.model_dir)])  # the logged model (`model:` below) and its model card
 
     subject, t1 = held_out_t1(raw, data_dir, tracer)
     target = out / "synthesized" / f"{subject}_{tracer}_pet.nii.gz"
     say(f"synthesising held-out subject {subject} from {t1.name}")
-    synthesize_file(generator, cfg, t1, target)
+    synthesized = synthesize_file(members, members.cfg, t1, target, overwrite=True)  # input QC first; a rerun redoes it
+    say(f"model card: {members.cards[0]}")
 
     print(f"\nResults on the test split ({n_test} {tracer} subjects never seen in training; checkpoints chosen on "
           "val; PSNR/SSIM/RMSE on restored PET in the paper range [-10, 1000]; rel = each volume over its own "
@@ -129,4 +131,5 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     print(f"model: {result.model_uri or result.model_dir}")
     print(f"tracking: {tracking_uri}")
     print(f"synthesized: {target}")
+    print(f"qc picture: {next(f for f in synthesized.files if f.endswith('_qc.png'))}")
     return 0

@@ -123,33 +123,63 @@ def _artifact_subdir(local_model: Path) -> Path:
     return local_model / entry["path"]
 
 
+def _local_model_dir(local: Path, uri: str) -> Path:
+    """The model folder inside a local folder: the folder itself, or a pyfunc model folder's artifact."""
+    if (local / GENERATOR_FILE).is_file() and (local / CONFIG_FILE).is_file():
+        return local
+    if (local / "MLmodel").is_file():
+        found = _artifact_subdir(local)
+        _check_model_dir(found)
+        return found
+    raise ValueError(f"model {uri}: folder has neither {GENERATOR_FILE} + {CONFIG_FILE} nor an MLmodel")
+
+
+def _copy_from_filesystem(uri: str, dst: Path) -> Path | None:
+    """Copy the folder at a URI pyarrow reads (file://, s3://, gs://, hdfs://) into `dst`; None for other schemes."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        fs, inner = pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid:
+        return None  # not a filesystem pyarrow knows (mlflow-artifacts://, dbfs:/, ...): an MLflow URI
+    try:
+        kind = fs.get_file_info(inner).type
+        if kind != pafs.FileType.Directory:
+            raise ValueError(f"model {uri}: no folder there ({kind.name.lower()})")
+        dst.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(inner, str(dst), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except OSError as err:
+        raise ValueError(f"model {uri}: cannot read the folder ({' '.join(str(err).split())[:200]})") from None
+    return dst
+
+
 def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
     """A local folder with generator.safetensors + config.yaml for `uri`.
 
-    `uri` is such a folder (returned as is), a saved/downloaded pyfunc model folder (has MLmodel), or an
-    MLflow model URI (`models:/<id>`, `runs:/<run>/model`, ...) that is downloaded into `dst` (default:
-    a fresh temp folder) with mlflow.artifacts.download_artifacts.
+    `uri` is such a folder (returned as is), a saved/downloaded pyfunc model folder (has MLmodel), either of them
+    given as a URI pyarrow reads (`file://`, `s3://`, `gs://`, `hdfs://`: copied into `dst`), or an MLflow model URI
+    (`models:/<id>`, `runs:/<run>/model`, ...) that is downloaded into `dst` (default: a fresh temp folder) with
+    mlflow.artifacts.download_artifacts.
     """
     if not uri:
         raise ValueError("uri must be a model directory or an MLflow model URI")
     local = Path(uri).expanduser()
     if local.is_dir():
-        if (local / GENERATOR_FILE).is_file() and (local / CONFIG_FILE).is_file():
-            return local
-        if (local / "MLmodel").is_file():
-            found = _artifact_subdir(local)
-            _check_model_dir(found)
-            return found
-        raise ValueError(f"model {uri}: folder has neither {GENERATOR_FILE} + {CONFIG_FILE} nor an MLmodel")
+        return _local_model_dir(local, uri)
     if "://" not in uri and ":/" not in uri:
         raise ValueError(f"model {uri}: not a folder and not an MLflow URI (runs:/..., models:/...)")
+    if dst is None:
+        dst = tempfile.mkdtemp(prefix="ganbert-model-")
+    if "://" in uri:
+        copied = _copy_from_filesystem(uri, Path(dst) / "model")
+        if copied is not None:
+            return _local_model_dir(copied, uri)
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
     if tracking_uri is None:
         tracking_uri = default_tracking_uri()
-    if dst is None:
-        dst = tempfile.mkdtemp(prefix="ganbert-model-")
     try:
         # models:/ URIs are resolved against the global tracking URI whatever tracking_uri= says.
         with _URI_LOCK, _use_tracking_uri(tracking_uri):
@@ -164,8 +194,17 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | Path
 
 def load_model(model: str, tracking_uri: str | None = None) -> tuple[Any, Any]:
     """(generator in eval mode on CUDA when present else CPU, its Config) from a model folder or an MLflow URI."""
+    generator, cfg, _ = load_model_and_card(model, tracking_uri)
+    return generator, cfg
+
+
+def load_model_and_card(model: str, tracking_uri: str | None = None) -> tuple[Any, Any, dict[str, Any] | None]:
+    """`load_model` plus the folder's model card metadata (None for a model published before model cards)."""
+    from ganbert.model_card import read_metadata
     from ganbert.train.checkpoint import load_generator
     from ganbert.train.device import pick_device
 
     with tempfile.TemporaryDirectory(prefix="ganbert-model-") as tmp:
-        return load_generator(resolve_model_dir(model, tracking_uri, dst=tmp), pick_device())
+        folder = resolve_model_dir(model, tracking_uri, dst=tmp)
+        generator, cfg = load_generator(folder, pick_device())
+        return generator, cfg, read_metadata(folder)

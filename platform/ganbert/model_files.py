@@ -5,6 +5,9 @@ from __future__ import annotations
 # A model directory (what `ganbert synthesize` and the MLflow model load); a checkpoint holds them too.
 GENERATOR_FILE = "generator.safetensors"
 CONFIG_FILE = "config.yaml"
+# The model card beside them (model_card.py): human-readable Markdown and the same facts as JSON.
+CARD_FILE = "model_card.md"
+METADATA_FILE = "metadata.json"
 # Written beside a run's model directory: the URI of its MLflow model (`models:/<id>`).
 MODEL_URI_FILE = "MODEL_URI"
 # The artifact of the MLflow pyfunc model that holds the model directory.

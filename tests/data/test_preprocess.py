@@ -233,7 +233,7 @@ def test_real_nibabel_files_through_the_pipeline(tiny_cfg, tmp_path: Path, data_
                      f'"NiFTI","1/15/2024"')
     (raw / "REAL_1_15_2024.csv").write_text("\n".join(lines) + "\n")
     summary = preprocess.run(raw, tmp_path / "out", tiny_cfg, val_fraction=0.0, test_fraction=0.0,
-                             registration="none")  # example images, not a head: headers are trusted
+                             registration="none", t1_qc=False)  # example images, not a head: headers are trusted
     assert (summary["pairs"], summary["written"], summary["rejected"]) == (2, 2, 0)
     mri, affine = grid.conform_mri(nib.load(str(Path(data_path) / "anatomical.nii")), tiny_cfg.geometry)
     func = nib.load(str(Path(data_path) / "functional.nii"))

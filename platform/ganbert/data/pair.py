@@ -5,8 +5,9 @@
   resampled, since ADNI's "Co-registered" and standard-grid PET are not in the T1's space. The transform and its
   quality figures go into the manifest row; a pair failing the quality check is rejected with the reason.
   `registration="none"` trusts the headers (PET and T1 share world coordinates).
-- Brain mask: the nilearn MNI152 template is registered (affine) to the T1 and its brain mask resampled onto
-  the PET grid (column `brain_mask`, uint8). Region labels (column `labels`, uint8, nearest neighbour) come from
+- Brain mask and T1 QC: the nilearn MNI152 template is registered (affine) to the T1, the T1 is scored by input QC
+  (`ganbert.qc`, the checks synthesis runs; a failing T1 is rejected with the reason unless the job says
+  `t1_qc: false`; scores in the manifest row's `t1_qc`) and the template's brain mask resampled onto the PET grid (column `brain_mask`, uint8). Region labels (column `labels`, uint8, nearest neighbour) come from
   `<raw>/truth/<subject>_regions.nii.gz` when the cohort carries ground truth (the phantom), else zeros;
   column `has_labels` and the manifest row's `labels` say which.
 """
@@ -20,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
+from ganbert import qc
 from ganbert.config import GeometryConfig
 from ganbert.data import adni, brainmask, dicom, registration, shards
 from ganbert.data.grid import conform_array, pet_affine, resample_pet
@@ -67,6 +69,9 @@ def process_pair(job: dict[str, Any], root: Path, geometry: GeometryConfig) -> d
         grid = pet_affine(affine, geometry)
         stat = (root / mri_rel).stat()
         template_reg = brainmask.fit(vol.data, vol.affine, key=f"{root / mri_rel}:{stat.st_size}:{stat.st_mtime_ns}")
+        t1_qc = qc.assess(vol.data, vol.affine, fit=template_reg)
+        if not t1_qc.passed and job.get("t1_qc", True):
+            return {"error": t1_qc.reason() + " (--skip-qc keeps it)", "file": mri_rel, "which": "mri"}
         brain = brainmask.on_grid(template_reg.matrix, grid, geometry.pet_size)
     except VolumeError as err:
         return {"error": err.reason, "file": mri_rel, "which": "mri"}
@@ -100,7 +105,9 @@ def process_pair(job: dict[str, Any], root: Path, geometry: GeometryConfig) -> d
     return {"mri": mri[None], "pet": pet, "mri_affine": affine, "mri_mean": mean, "mri_std": std,
             "stats": stats, "sources": sources, "brain_mask": brain, "has_labels": labels is not None,
             "labels": np.zeros(geometry.pet_size, np.uint8) if labels is None else labels,
-            "registration": reg_record, "template_registration": template_reg.record()}
+            "registration": reg_record, "template_registration": template_reg.record(),
+            "t1_qc": {k: v for k, v in t1_qc.record(enforced=job.get("t1_qc", True)).items()
+                      if k != "template_registration"}}  # that one is the row's template_registration
 
 
 def message(err: BaseException, root: Path) -> str:

@@ -52,7 +52,7 @@ def _ray_process(item: dict[str, Any], root: str, geometry: dict[str, Any]) -> d
         return {"key": item["key"], "meta": json.dumps(result), "mri": b"", "pet": b"", "brain_mask": b"",
                 "labels": b""}
     meta = {k: result[k] for k in ("mri_mean", "mri_std", "stats", "sources", "has_labels", "registration",
-                                   "template_registration")}
+                                   "template_registration", "t1_qc")}
     meta["mri_affine"] = np.asarray(result["mri_affine"], dtype=np.float64).reshape(-1).tolist()
     return {"key": item["key"], "meta": json.dumps(meta), "mri": result["mri"].tobytes(),
             "pet": np.ascontiguousarray(result["pet"], dtype=np.float32).tobytes(),
@@ -143,8 +143,10 @@ def pairs_in_shards(manifest: dict[str, Any], scans: list[adni.Scan]) -> list[ad
 
 def run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb: float = shards.DEFAULT_SHARD_MB,
         val_fraction: float = 0.1, test_fraction: float = 0.1, num_cpus: int | None = None,
-        registration: str = "rigid") -> dict[str, Any]:
-    """`_run` holding the output folder's lock (two runs into one folder would delete each other's files)."""
+        registration: str = "rigid", t1_qc: bool = True) -> dict[str, Any]:
+    """`_run` holding the output folder's lock (two runs into one folder would delete each other's files).
+
+    `t1_qc` false (`--skip-qc`) keeps T1s that fail input QC (their scores are still recorded)."""
     if registration not in REGISTRATIONS:
         raise ValueError(f"registration must be one of {REGISTRATIONS}, got {registration!r}")
     raw, out = Path(raw).resolve(), Path(out).resolve()
@@ -153,12 +155,12 @@ def run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb: 
     out.mkdir(parents=True, exist_ok=True)
     with out_lock(out):
         return _run(raw, out, cfg, window_days, shard_mb=shard_mb, val_fraction=val_fraction,
-                    test_fraction=test_fraction, num_cpus=num_cpus, registration=registration)
+                    test_fraction=test_fraction, num_cpus=num_cpus, registration=registration, t1_qc=t1_qc)
 
 
 def _run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb: float = shards.DEFAULT_SHARD_MB,
          val_fraction: float = 0.1, test_fraction: float = 0.1, num_cpus: int | None = None,
-         registration: str = "rigid") -> dict[str, Any]:
+         registration: str = "rigid", t1_qc: bool = True) -> dict[str, Any]:
     """Ingest an ADNI-layout download, preprocess every new pair on Ray Data and append Parquet shards.
 
     Writes out/{manifest.json, <split>-<tracer>-<n>.parquet, pairs.csv, unpaired.csv, rejected.csv}.
@@ -184,7 +186,7 @@ def _run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb:
     manifest["splits"] = splits
     shards.save_manifest(out, manifest)
     done = {row["pet_image_id"] for row in manifest["rows"]}
-    jobs = sorted((pair_job(p, splits[p.subject]) | {"registration": registration}
+    jobs = sorted((pair_job(p, splits[p.subject]) | {"registration": registration, "t1_qc": t1_qc}
                    for p in ingest.pairs if p.pet.image_id not in done),
                   # within a (split, tracer) group, rows follow a hash of the subject id: sites and groups are mixed
                   key=lambda j: (SPLIT_ORDER[j["split"]], j["tracer"], subject_hash(j["subject"]),
@@ -226,7 +228,7 @@ def _run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb:
                 record = {k: job[k] for k in (*shards.STRING_COLUMNS, "days_apart")} | {
                     "sources": meta["sources"], "stats": meta["stats"], "labels": bool(meta["has_labels"]),
                     "registration": meta["registration"], "template_registration": meta["template_registration"],
-                    "shapes": {"mri": list(mri_shape), "pet": list(pet_shape)}}
+                    "t1_qc": meta["t1_qc"], "shapes": {"mri": list(mri_shape), "pet": list(pet_shape)}}
                 writer.add(row, record)
             jobs = retry
         writer.close()
@@ -248,7 +250,8 @@ def _run(raw: Path, out: Path, cfg: Config, window_days: int = 365, *, shard_mb:
 def main(args: argparse.Namespace, cfg: Config) -> int:
     """CLI `ganbert preprocess --raw DIR --out DIR`: exit 1 when any input was rejected, else 0."""
     summary = run(Path(args.raw), Path(args.out), cfg, int(getattr(args, "window_days", 365)),
-                  registration=str(getattr(args, "registration", "rigid")))
+                  registration=str(getattr(args, "registration", "rigid")),
+                  t1_qc=not getattr(args, "skip_qc", False))
     print(f"preprocess: {summary['pairs']} pairs, {summary['written']} written, "
           f"{summary['skipped_existing']} already done, {summary['rejected']} rejected "
           f"(see {Path(summary['out']) / 'rejected.csv'}), {summary['unpaired']} unpaired, "

@@ -29,6 +29,7 @@ from ganbert.data import folds, loader, stats
 from ganbert.data.folds import Fold
 from ganbert.data.part import Part
 from ganbert.evaluate import validate
+from ganbert.model_card import write_model_card
 from ganbert.model_files import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
 from ganbert.models import Networks, build_networks
 from ganbert.raysession import ensure_ray
@@ -338,12 +339,14 @@ def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
     )  # each worker reads its part of a per-epoch permutation itself (loader.epoch_dataset): exact resume
 
 
-def publish_best(cfg: Config, checkpoint: ray.train.Checkpoint, tracking_uri: str) -> tuple[str, str | None, str]:
+def publish_best(cfg: Config, checkpoint: ray.train.Checkpoint, tracking_uri: str,
+                 data_dir: str | None = None) -> tuple[str, str | None, str]:
     """Save the generator of `checkpoint` (the epoch chosen on val) as the run's model dir and MLflow model.
 
     Returns (model dir, model URI, MLflow run id). The model dir (`generator.safetensors`, `config.yaml`,
-    `MODEL_URI`) is built locally and copied beside the run's checkpoints in `run.storage`, a path or URI
-    every node reads; its config is the checkpoint's (calibrated token space included).
+    `model_card.md`, `metadata.json`, `MODEL_URI`) is built locally and copied beside the run's checkpoints in
+    `run.storage`, a path or URI every node reads; its config is the checkpoint's (calibrated token space included);
+    its model card describes the training data of `data_dir` (model_card.write_model_card).
     """
     dest = home.join(home.resolve(cfg.run.storage), cfg.run.name, "model")
     with checkpoint.as_directory() as d:
@@ -351,6 +354,8 @@ def publish_best(cfg: Config, checkpoint: ray.train.Checkpoint, tracking_uri: st
         meta = json.loads((Path(d) / STATE_FILE).read_text())["meta"]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model_dir(Path(tmp) / "model", ckpt_cfg, generator)
+        write_model_card(model_dir, ckpt_cfg, data_dir=data_dir, run={
+            "mlflow_run_id": meta["mlflow_run_id"], "best_epoch": meta["epoch"], "best_val_psnr": meta["val_psnr"]})
         tracker = MLflowTracker(tracking_uri, cfg.run.experiment, cfg.run.name, run_id=meta["mlflow_run_id"])
         with tracker:
             tracker.set_tags({"best_epoch": str(meta["epoch"]), "best_val_psnr": f"{meta['val_psnr']:.4f}"})
@@ -381,7 +386,7 @@ def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainRe
         raise
     publishing = time.perf_counter()
     best = result.get_best_checkpoint(metric="val_psnr", mode="max")
-    model_dir, uri, run_id = publish_best(cfg, best, tracking_uri) if best is not None else (None, None, None)
+    model_dir, uri, run_id = publish_best(cfg, best, tracking_uri, data_dir) if best is not None else (None, None, None)
     if int((result.metrics or {}).get("epoch", cfg.optim.epochs - 1)) < cfg.optim.epochs - 1:  # $GANBERT_STOP_AFTER_EPOCH
         end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "KILLED", replace=("FINISHED",))
     seconds = {"inputs": training - began, "train": publishing - training, "publish": time.perf_counter() - publishing}
