@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/ganbert demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/ganbert bench step --preset tiny
