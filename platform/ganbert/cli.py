@@ -181,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("synthesize", _synthesize, "synthesise PET (4D NIfTI, original units) from T1 MRI, after input QC")
     p.add_argument("--model", required=True, action="append",
                    help="MLflow model URI, a model/checkpoint folder, or a folder as a URI pyarrow reads (file://, "
-                        "s3://, gs://); repeat for an ensemble (members averaged, voxel-wise SD written)")
+                        "s3://, gs://); repeat for an ensemble (members averaged, voxel-wise SD written); a "
+                        "`ganbert study` folder or name stands for the fold models of one of its rows")
+    p.add_argument("--study-row", default=None,
+                   help="with a study as --model: the row whose fold models are the ensemble (default: its only "
+                        "trained row)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: add each model's left-right mirrored input (mirrored back)")
     p.add_argument("--skip-qc", action="store_true",
