@@ -125,8 +125,8 @@ def summary(meta: dict[str, Any]) -> str:
 
 def _metrics_table(metrics: dict[str, Any] | None) -> list[str]:
     if not metrics or not metrics.get("values"):
-        return ["No test-split metrics are recorded for this model. `ganbert study` evaluates the models it trains on "
-                "the locked test split and records them here (`model_card.add_metrics`)."]
+        return ["No test-split metrics are recorded for this model. A study that evaluates it on the locked test "
+                "split records them here (`model_card.add_metrics`)."]
     lines = [f"Split: {metrics.get('split', 'test')}, n = {metrics.get('n')}; source: {metrics.get('source', '')}.",
              "", "| metric | mean | 95 % interval |", "| --- | --- | --- |"]
     for name, value in metrics["values"].items():
@@ -134,6 +134,10 @@ def _metrics_table(metrics: dict[str, Any] | None) -> list[str]:
         lines.append(f"| {name} | {value.get('mean'):.4g} | "
                      + (f"{ci[0]:.4g} .. {ci[1]:.4g}" if ci else "–") + " |")
     return lines
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "unknown"
 
 
 def render(meta: dict[str, Any]) -> str:
@@ -150,7 +154,8 @@ def render(meta: dict[str, Any]) -> str:
         lines += [f"Source: {train['source']}; shards `{train['data']}` ({train['format']}).",
                   f"Preprocessing: registration {train['registration']}; " + "; ".join(
                       f"{k}: {v}" for k, v in sorted(train["preprocessing"].items()) if k != "registration") + ".",
-                  f"T1 QC: {train['t1_qc']['rows_scored']} rows scored, {train['t1_qc']['rows_failing']} failing.",
+                  f"T1 QC: {train['t1_qc']['rows_scored']} {meta['tracer']} rows scored, "
+                  f"{train['t1_qc']['rows_failing']} failing (kept with --skip-qc).",
                   f"Training files fingerprint (sha256 over the sorted file checksums): {train['train_files_sha256']}.",
                   "", "| split | rows | subjects | groups |", "| --- | --- | --- | --- |"]
         lines += [f"| {s} | {v['rows']} | {v['subjects']} | "
@@ -161,8 +166,8 @@ def render(meta: dict[str, Any]) -> str:
     code = meta["code"]
     lines += ["", "## Method and run", "",
               f"Method `{meta['method']}`, preset `{meta['preset']}` (full config in metadata.json and config.yaml). "
-              + (f"Epoch {run['best_epoch']} chosen on val PSNR {run.get('best_val_psnr')} dB; " if "best_epoch" in run
-                 else "") + (f"MLflow run {run['mlflow_run_id']}. " if run.get("mlflow_run_id") else ""),
+              + (f"Epoch {run['best_epoch']} chosen on val PSNR {_num(run.get('best_val_psnr'))} dB; "
+                 if "best_epoch" in run else "") + (f"MLflow run {run['mlflow_run_id']}. " if run.get("mlflow_run_id") else ""),
               f"Code: ganbert {code['version']}, git commit {code['commit']}"
               + (" (with uncommitted changes)" if code.get("dirty") else "") + ".", "",
               "## Test-split metrics", ""] + _metrics_table(meta.get("metrics")) + [

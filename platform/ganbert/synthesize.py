@@ -273,6 +273,11 @@ def _qc_record(prep: Prepared, synth: Synthesis, paths: dict[str, Path], info: d
             "qc": prep.qc, **info, "regions": synth.regions}
 
 
+def _short(name: str, limit: int = 56) -> str:
+    """A file name cut in the middle to fit a picture title."""
+    return name if len(name) <= limit else name[: limit // 2 - 1] + "..." + name[-(limit // 2 - 2):]
+
+
 def write_outputs(prep: Prepared, synth: Synthesis, out_path: Path | str, geometry: GeometryConfig,
                   info: dict[str, Any], overwrite: bool = False) -> Result:
     """Write the PET, then (as its owner) the SD, `_qc.json` and `_qc.png` of one input; returns its Result.
@@ -295,8 +300,8 @@ def write_outputs(prep: Prepared, synth: Synthesis, out_path: Path | str, geomet
     if prep.matrix is not None:
         brain = brainmask.on_grid(prep.matrix, prep.mri_affine, geometry.mri_size).astype(bool)
     verdict = "QC passed" if prep.qc["passed"] else "QC FAILED (" + ", ".join(prep.qc["failed_checks"]) + ")"
-    title = (f"{Path(prep.input).name} -> {paths['pet'].name}\n{geometry.tracer}, {info.get('members', 1)} member(s); "
-             f"{verdict}")
+    title = (f"{_short(Path(prep.input).name)}\n-> {_short(paths['pet'].name)}\n{geometry.tracer}, "
+             f"{info.get('members', 1)} member(s); {verdict}")
     create_file(paths["qc_png"], lambda tmp: qc_png(tmp, prep.mri, prep.mri_affine, synth.pet, grid, brain=brain,
                                                     sd=synth.sd, title=title), overwrite=True)
     written += [paths["qc_json"], paths["qc_png"]]

@@ -5,9 +5,10 @@
   resampled, since ADNI's "Co-registered" and standard-grid PET are not in the T1's space. The transform and its
   quality figures go into the manifest row; a pair failing the quality check is rejected with the reason.
   `registration="none"` trusts the headers (PET and T1 share world coordinates).
-- Brain mask and T1 QC: the nilearn MNI152 template is registered (affine) to the T1, the T1 is scored by input QC
-  (`ganbert.qc`, the checks synthesis runs; a failing T1 is rejected with the reason unless the job says
-  `t1_qc: false`; scores in the manifest row's `t1_qc`) and the template's brain mask resampled onto the PET grid (column `brain_mask`, uint8). Region labels (column `labels`, uint8, nearest neighbour) come from
+- Brain mask and T1 QC: the nilearn MNI152 template is registered (affine) to the T1, the T1 is scored by input
+  QC (`ganbert.qc`, the checks synthesis runs; a failing T1 is rejected with the reason unless the job says
+  `t1_qc: false`; scores in the manifest row's `t1_qc`) and the template's brain mask resampled onto the PET grid
+  (column `brain_mask`, uint8). Region labels (column `labels`, uint8, nearest neighbour) come from
   `<raw>/truth/<subject>_regions.nii.gz` when the cohort carries ground truth (the phantom), else zeros;
   column `has_labels` and the manifest row's `labels` say which.
 """
