@@ -115,6 +115,8 @@ def _fresh(cfg: Config, device: torch.device, seed: int) -> tuple[Networks, Opti
 
 def resume_figures(cfg: Config, device: torch.device, folder: Path) -> dict[str, Any]:
     """Two steps, `save_state`, one more step; against: fresh networks (another seed), `load_state`, one step.
+    Both steps after the checkpoint start from the same reseed, as the loop reseeds every epoch (a checkpoint holds
+    no RNG state).
 
     Passes when the loaded state equals the saved one bit for bit, the resumed step's losses equal the
     uninterrupted step's (relative 1e-4) and its update is within RESUME_UPDATE_TOLERANCE (relative L2) of the
@@ -129,6 +131,7 @@ def resume_figures(cfg: Config, device: torch.device, folder: Path) -> dict[str,
     save_state(folder, cfg, nets, opt, {"epoch": 0, "step": 2, "mlflow_run_id": None})
     save_s = time.perf_counter() - start
     saved, before = _state(nets, opt), _params(nets)
+    seed_everything(cfg.run.seed + 1000)
     losses = gan_step(micro, nets, opt, cfg)
     update = _update(nets, before)
     del nets, opt, before
@@ -141,6 +144,7 @@ def resume_figures(cfg: Config, device: torch.device, folder: Path) -> dict[str,
     loaded = _state(nets, opt)
     exact = loaded.keys() == saved.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items())
     before = _params(nets)
+    seed_everything(cfg.run.seed + 1000)
     resumed = gan_step(micro, nets, opt, cfg)
     loss_diff = max(abs(resumed[k] - v) / max(abs(v), 1e-12) for k, v in losses.items())
     update_diff = float((_update(nets, before) - update).norm() / update.norm().clamp_min(1e-30))
