@@ -1,11 +1,14 @@
 # make demo: the main job on the embedded default (local Ray, local MLflow store, phantom data).
 # make test: the test suite. Both create .venv and install with constraints.txt when needed.
+# make gpu-check: on a GPU machine, with any python that has torch, transformers, numpy, pyyaml and safetensors
+# (no .venv, no Ray/MLflow/nibabel): PY=/path/to/python make gpu-check [GPU_CHECK_OUT=DIR].
 PY ?= python3
+GPU_CHECK_OUT ?= runs/gpu-check-$(shell date +%Y%m%d-%H%M%S)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,11 +23,14 @@ demo: $(STAMP)
 	$(BIN)/ganbert demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/ganbert bench step --preset tiny
 	$(BIN)/ganbert bench step --preset demo
+
+gpu-check:
+	PYTHONPATH=platform $(PY) -m ganbert.gpu_check --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,7 +1,9 @@
-"""Helpers for tests that start their own `ray start` nodes: free ports, a session's processes, stopping a session."""
+"""Helpers for tests that start their own `ray start` nodes: free ports, a session's processes, stopping a session,
+what a process tree listens on, this machine's non-loopback address."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -51,3 +53,81 @@ def stop_session(proc: subprocess.Popen[bytes], timeout: float, grace: float = 0
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def descendants(pid: int) -> set[int]:
+    """`pid` and every process below it (a local Ray's GCS, raylet, agents and workers descend from its driver)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        if current not in found:
+            found.add(current)
+            todo.extend(children.get(current, []))
+    return found
+
+
+def _ip(hex_address: str) -> str:
+    """An address of /proc/net/tcp{,6} (little-endian 32-bit words, hex) in dotted or colon form."""
+    raw = bytes.fromhex(hex_address)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, words)
+
+
+def listening(pids: set[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket that one of `pids` listens on (from /proc, no `ss` needed)."""
+    owner: dict[int, int] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                owner[int(link[8:-1])] = pid
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[9]) in owner:  # 0A: LISTEN
+                address, port = fields[1].split(":")
+                found.append((_ip(address), int(port, 16), owner[int(fields[9])]))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4-mapped loopback (::ffff:127.0.0.1)."""
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def outward_address() -> str | None:
+    """This machine's first non-loopback IPv4 address (where other machines reach it), or None if it has none."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("10.254.254.254", 9))  # a UDP connect sends nothing: it only picks the outward interface
+            address = sock.getsockname()[0]
+        if not is_loopback(address):
+            return str(address)
+    except OSError:
+        pass
+    try:
+        names = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return next((a for a in names if ":" not in a and not is_loopback(a)), None)

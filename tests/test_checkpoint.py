@@ -39,7 +39,7 @@ def test_resumed_optimiser_state_follows_its_parameters_device(tmp_path: Path) -
     gan_step([Batch(mri, torch.rand(2, 2, 14, 12, 12) * 10)], nets, opt, cfg)
     save_state(tmp_path / "ckpt", cfg, nets, opt, {"epoch": 0, "step": 1, "mlflow_run_id": None})
     device = torch.device("meta")
-    placed, resumed, meta = training_state(cfg, device, 10, tmp_path / "ckpt", (0.0, 1.0), restore_rng=False)
+    placed, resumed, meta = training_state(cfg, device, 10, tmp_path / "ckpt", (0.0, 1.0))
     assert meta["step"] == 1
     for name, adam in resumed.adam.items():
         states = [s for s in adam.state.values() if s]

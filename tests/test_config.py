@@ -43,10 +43,13 @@ def test_precedence_preset_then_file_then_overrides(tmp_path: Path) -> None:
     ("optim.epochs=abc", "optim.epochs"),
     ("optim.nope=1", "optim.nope"),
     ("sequence.scheme=log", "sequence.scheme"),
+    ("run.validate_every=0", "run.validate_every"),
+    ("run.checkpoint_every=3", "run.checkpoint_every"),  # not a multiple of validate_every=2 below
+    ("run.in_memory_mb=-1", "run.in_memory_mb"),
 ])
 def test_bad_values_fail_at_construction_naming_the_field(override: str, field: str) -> None:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        config.load("tiny", overrides=[override])
+        config.load("tiny", overrides=["run.validate_every=2", "run.checkpoint_every=2", override])
 
 
 def test_bad_yaml_file_names_the_file(tmp_path: Path) -> None:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -20,7 +24,8 @@ from types import ModuleType
 
 import pytest
 
-from ray_nodes import free_port, stop_session
+from http_status import status
+from ray_nodes import free_port, is_loopback, listening, outward_address, session_members, stop_session
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ("train", "tune", "preprocess", "report", "synthesize")
@@ -114,12 +119,14 @@ def test_entry_starts_no_ray_without_ray_address(tmp_path: Path) -> None:
 
 @dataclass
 class Cluster:
-    """A `ray start --head --block` on 127.0.0.1 in its own session and temp dir."""
+    """A `ray start --head --block` on 127.0.0.1 in its own session and temp dir, with Ray's token auth on."""
 
     address: str  # dashboard (job submission) URL
-    env: dict[str, str]  # environment for the `ray` CLI and the cluster (RAY_AUTH_MODE, the venv's PATH)
+    env: dict[str, str]  # environment for the `ray` CLI and the cluster (auth mode and token file, the venv's PATH)
     root: Path  # short tmp dir: Ray's --temp-dir and the runs' outputs
     proc: subprocess.Popen[bytes]
+    gcs_port: int
+    auth: dict[str, str]  # the Authorization header that carries the token
 
     def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([RAY, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -145,29 +152,26 @@ class Cluster:
         """The job's status from the Jobs API (JobStatus value, e.g. SUCCEEDED)."""
         from ray.job_submission import JobSubmissionClient
 
-        return str(JobSubmissionClient(self.address).get_job_status(job).value)
+        return str(JobSubmissionClient(self.address, headers=self.auth).get_job_status(job).value)
 
     def logs(self, job: str) -> str:
         return self.ray("job", "logs", "--address", self.address, job).stdout
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """One node on 127.0.0.1 with every port free-picked (other Rays may run here); auth off for all its users."""
+    """One node on 127.0.0.1 with every port free-picked (other Rays may run here), set up as the README's head:
+    token auth (its own token file) and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the node's address is loopback)."""
     root = Path(tempfile.mkdtemp(prefix="gbj", dir="/tmp"))  # short: Ray's unix sockets live under --temp-dir
+    token = secrets.token_hex(32)
+    (root / "auth_token").write_text(token)
+    (root / "auth_token").chmod(0o600)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "PYTHONPATH", "MLFLOW_TRACKING_URI", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE")}
-    # An embedded ray.init() leaves ~/.ray/auth_token, which makes `ray start` turn token auth on unless the mode is
-    # explicit; the cluster, the CLI and (inherited from the raylet) the job all read RAY_AUTH_MODE.
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+           if k not in ("RAY_ADDRESS", "PYTHONPATH", "MLFLOW_TRACKING_URI", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE",
+                        "RAY_AUTH_TOKEN")}
+    # The cluster, the CLI and (inherited from the raylet) the job all read RAY_AUTH_MODE and the token file.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(root / "auth_token"),
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # teardown: no 30 s drain on SIGTERM
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")  # the job's `python`
     dashboard = free_port()
@@ -184,11 +188,12 @@ def cluster() -> Iterator[Cluster]:
     try:
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.monotonic() + 120
-        while not _answers(f"{address}/api/version"):  # the job server is up ("Ray runtime started" comes earlier)
+        while status(f"{address}/api/version", post=False) is None:  # the job server answers (401: no token)
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray start failed (rc {proc.poll()}):\n{log_path.read_text()[-4000:]}")
             time.sleep(0.5)
-        yield Cluster(address=address, env=env, root=root, proc=proc)
+        yield Cluster(address=address, env=env, root=root, proc=proc, gcs_port=ports["--port"],
+                      auth={"Authorization": f"Bearer {token}"})
     finally:
         stop_session(proc, 60, grace=10)
         log.close()
@@ -240,6 +245,49 @@ def test_submitted_job_ships_ganbert_to_every_worker(cluster: Cluster) -> None:
         assert "/runtime_resources/py_modules_files/" in found[where], found
 
 
+@pytest.mark.slow
+def test_job_api_refuses_a_job_without_the_token(cluster: Cluster) -> None:
+    """A job posted with no token (401) or a wrong one (403) is refused and never created."""
+    from ray.job_submission import JobSubmissionClient
+
+    body = json.dumps({"entrypoint": "echo never-run"}).encode()
+    for headers, code in (({}, 401), ({"Authorization": "Bearer " + secrets.token_hex(32)}, 403)):
+        request = urllib.request.Request(f"{cluster.address}/api/jobs/", data=body, method="POST",
+                                         headers={"Content-Type": "application/json", **headers})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == code
+    jobs = JobSubmissionClient(cluster.address, headers=cluster.auth).list_jobs()  # the token opens it
+    assert not [job for job in jobs if "never-run" in job.entrypoint]
+
+
+# A driver that connects to `address` with no token and runs a task if it gets in. Short GCS timeouts: a refused
+# driver gives up in seconds instead of retrying for minutes.
+INTRUDER = "import ray; ray.init(address={address!r}, log_to_driver=False); print('RAN', ray.get(ray.remote(lambda: 1).remote()))"
+SHORT_GCS_WAIT = {"RAY_gcs_server_port_wait_time_s": "1", "RAY_gcs_rpc_server_connect_timeout_s": "1",
+                  "RAY_gcs_server_request_timeout_seconds": "2", "RAY_gcs_rpc_server_reconnect_timeout_s": "2"}
+
+
+@pytest.mark.slow
+def test_head_refuses_drivers_without_the_token(cluster: Cluster, tmp_path: Path) -> None:
+    """The head's GCS port on the machine's non-loopback address: nothing listens there, so a driver with no token
+    cannot connect; on 127.0.0.1 the GCS answers, and refuses it (no token)."""
+    outward = outward_address()
+    if outward is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to try")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((outward, cluster.gcs_port), timeout=10).close()
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    env.update(SHORT_GCS_WAIT, RAY_AUTH_MODE="disabled", HOME=str(tmp_path))  # no token anywhere it would look
+    drivers = {where: subprocess.Popen([sys.executable, "-c", INTRUDER.format(address=f"{where}:{cluster.gcs_port}")],
+                                       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for where in (outward, "127.0.0.1")}
+    outputs = {where: proc.communicate(timeout=180)[0] for where, proc in drivers.items()}
+    for where, proc in drivers.items():
+        assert proc.returncode != 0 and "RAN" not in outputs[where], f"{where}: {outputs[where][-3000:]}"
+    assert "Unauthenticated" in outputs["127.0.0.1"], outputs["127.0.0.1"][-3000:]
+
+
 # --- the README's own lines ------------------------------------------------------------------------
 
 def _readme_job_lines() -> list[str]:
@@ -253,12 +301,14 @@ def _readme_job_lines() -> list[str]:
 
 @pytest.mark.slow
 def test_readme_job_lines_run_as_written(tmp_path: Path) -> None:
-    """From the repository root, in a shell whose PATH lacks the venv: the README's activation, `ray start` and
-    the train submission succeed, and the job's outputs land in $GANBERT_HOME, not in Ray's working-dir copy.
+    """From the repository root, in a shell whose PATH lacks the venv: the README's activation, token, `ray start`
+    and the train submission succeed, and the job's outputs land in $GANBERT_HOME, not in Ray's working-dir copy;
+    the head listens on loopback only and its job API refuses a job without the token.
 
     Only what cannot be shared with other Rays on this machine is changed: the dashboard port (8265) and the
-    head's other ports and temp dir are free-picked, and `ray start` gets --block so the test can end it. The
-    tune line (12 trials) is checked for its space and options, not run: it takes longer than the suite.
+    head's other ports and temp dir are free-picked, `ray start` gets --block so the test can end it, and HOME is
+    a temporary folder (the token the README generates lands there). The tune line (12 trials) is checked for its
+    space and options, not run: it takes longer than the suite.
     """
     lines = _readme_job_lines()
     assert lines[0].startswith("source .venv/bin/activate")
@@ -274,28 +324,35 @@ def test_readme_job_lines_run_as_written(tmp_path: Path) -> None:
         "--metrics-export-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port"))
     start = (f"{lines[starts[0]]} --block --dashboard-port {dashboard} --temp-dir {root / 'ray'} {ports} "
              f"> {root / 'ray-start.log'} 2>&1 &")
-    wait = (f"until python -c \"import urllib.request as u; u.urlopen('http://127.0.0.1:{dashboard}/api/version')\" "
-            "2>/dev/null; do sleep 1; done; sleep 5")
-    script = [*lines[:starts[0]], start, wait, submits[0].replace("8265", str(dashboard))]
+    wait = (f"until python {ROOT / 'tests' / 'http_status.py'} http://127.0.0.1:{dashboard}/api/version > /dev/null; "
+            "do sleep 1; done; sleep 5")  # any HTTP answer (401 without the token): the job server is up
+    refused = f"python {ROOT / 'tests' / 'http_status.py'} http://127.0.0.1:{dashboard}/api/jobs/ --post"  # no token
+    script = [*lines[:starts[0]], start, wait, submits[0].replace("8265", str(dashboard)), refused]
     home = root / "home"
+    (root / "user").mkdir()
     venv_bin = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "PYTHONPATH", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV", "GANBERT_HOME")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")
+           and k not in ("RAY_ADDRESS", "PYTHONPATH", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV", "GANBERT_HOME")}
     env.update(PATH=os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin),
-               GANBERT_HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+               GANBERT_HOME=str(home), HOME=str(root / "user"), RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     proc = subprocess.Popen(["bash", "-e", "-c", "\n".join(script)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=420)
+        head = listening({pid for pid, _ in session_members(proc.pid)})  # the head still runs in the session
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
+        head = []
     finally:
         stop_session(proc, 60, grace=10)
         shutil.rmtree(root / "ray", ignore_errors=True)
     log = out.decode(errors="replace")
     assert proc.returncode == 0, log[-6000:]
     assert "succeeded" in log, log[-6000:]
+    assert "HTTP 401" in log, log[-2000:]  # the job API without the token
+    assert head and all(is_loopback(address) for address, _, _ in head), head
     ckpt = re.search(r"^checkpoint: (\S+)$", log, re.MULTILINE)
     assert ckpt and Path(ckpt.group(1)).parent == home / "ray" / "tiny", log[-4000:]
     assert (home / "mlflow.db").is_file() and (home / "ray" / "tiny" / "model" / "MODEL_URI").is_file()

@@ -31,7 +31,7 @@ def test_card_describes_the_training_cohort_and_takes_test_metrics(tiny_shards: 
     assert meta["training"]["splits"]["train"] == {
         "rows": len(train), "subjects": len({r["subject"] for r in train}),
         "groups": {g: sum(r["group"] == g for r in train) for g in sorted({r["group"] for r in train})}}
-    assert meta["training"]["source"].startswith("phantom cohort") and meta["training"]["registration"] == "rigid"
+    assert meta["training"]["source"].startswith("phantom cohort") and meta["training"]["registration"] == "none"  # the cached phantom skips PET-to-T1 registration
     assert meta["training"]["t1_qc"] == {"rows_scored": len(rows), "rows_failing": 0}
     assert re.fullmatch(r"[0-9a-f]{40}", meta["code"]["commit"])  # this checkout's HEAD
     assert meta["tracer"] == "AV45" and meta["config"]["preset"] == "tiny" and meta["metrics"] is None

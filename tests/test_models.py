@@ -217,3 +217,21 @@ def test_init_output_with_the_mean_pet_volume_starts_at_that_volume() -> None:
     assert "out_offset" in g.state_dict()
     with pytest.raises(ValueError, match="mean"):
         g.init_output(torch.zeros(2, 3, 3, 3), 1.0)
+
+
+def test_channels_last_placement_converts_the_conv_weights_and_keeps_the_4d_output_offset() -> None:
+    """`optim.channels_last` (the paper preset's default): 3D conv weights in channels_last_3d, the generator's
+    4-D output offset buffer as it was (`Module.to(memory_format=channels_last_3d)` raised on it), same outputs."""
+    from ganbert.train.device import place_networks
+
+    cfg = tiny(**{"model.method": "ganbert-cnnd", "optim.channels_last": True})
+    torch.manual_seed(0)
+    nets = build_networks(cfg)
+    mri = torch.randn(1, 1, 32, 32, 32)
+    expected = nets.generator(mri)
+    placed = place_networks(nets, cfg, torch.device("cpu"))
+    for module in (placed.generator, placed.cnn):
+        convs = [p for p in module.parameters() if p.dim() == 5]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in convs)
+    assert placed.generator.out_offset.shape == (2, 14, 12, 12) and placed.generator.out_offset.is_contiguous()
+    assert torch.allclose(placed.generator(mri), expected, atol=1e-5)

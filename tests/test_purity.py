@@ -13,8 +13,8 @@ import pytest
 PLATFORM = Path(__file__).resolve().parents[1] / "platform"
 PURE = ["ganbert.models"] + sorted(f"ganbert.models.{p.stem}" for p in (PLATFORM / "ganbert" / "models").glob("*.py")
                                    if p.stem != "__init__") + ["ganbert.sequence", "ganbert.train.step",
-                                                               "ganbert.metrics", "ganbert.qc", "ganbert.atlas",
-                                                               "ganbert.ensemble", "ganbert.model_card"]
+                                                               "ganbert.metrics", "ganbert.biomarkers", "ganbert.qc",
+                                                               "ganbert.atlas", "ganbert.ensemble", "ganbert.model_card"]
 EDGES = ("ray", "mlflow")
 
 

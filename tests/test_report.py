@@ -152,3 +152,17 @@ def test_report_shows_test_metrics_of_study_runs(tmp_path: Path) -> None:
     assert "| mean-PET | AV45 | 1 | 18.50 | – |" in test_part
     assert "FDG" not in test_part and plain not in test_part
     assert "| pix2pix-tanh | – | – | – | – | – | – | – | – | 15.00 |" in md  # the val table is unchanged
+
+
+def test_report_prints_a_studys_paired_intervals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("st", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp_id, run_name="tiny-study", tags={"ganbert.kind": "study"}).info.run_id
+    for stat, value in (("delta", 1.25), ("ci_lo", 0.5), ("ci_hi", 2.0), ("p", 0.004)):
+        client.log_metric(run_id, f"AV45/ganbert.cv_psnr.{stat}", value)
+    client.log_metric(run_id, "study_seconds", 60.0)
+    client.set_terminated(run_id, "FINISHED")
+    args = argparse.Namespace(experiment="st", tracking_uri=uri, out=str(tmp_path / "report"))
+    assert report.main(args) == 0
+    assert "| AV45 | ganbert | cv_psnr | +1.25 [+0.5, +2] | 0.004 |" in capsys.readouterr().out

@@ -1,6 +1,8 @@
 """The pure GAN step: gradient paths, accumulation, schedules, and learning on a fixed tiny batch."""
 
 import copy
+import math
+from typing import Callable
 
 import pytest
 import torch
@@ -70,6 +72,39 @@ def test_step_returns_the_methods_float_losses_and_updates_every_network(method:
     for name, module in nets.named().items():
         changed = any(not torch.equal(before[name][k], v) for k, v in module.state_dict().items())
         assert changed, f"{name} did not update"
+
+
+def test_step_under_bf16_autocast_on_cpu() -> None:
+    """`optim.amp` runs `gan_step` under bf16 autocast on CPU: the CUDA code path, the device type the only difference.
+
+    ganbert-cnnd, so every network runs: their inner layers compute in bf16, the generator's output stays
+    fp32 (its head runs outside autocast), the losses are finite, and with lambda_l1 = 0 the generator still
+    gets a non-zero gradient, so it flows through both discriminators (BERT's straight-through embedding,
+    CNN-D) in bf16.
+    """
+    seed_everything(0)
+    cfg = tiny(**{"model.method": "ganbert-cnnd", "optim.amp": True, "optim.lambda_l1": 0.0})
+    nets = build_networks(cfg)
+    dtypes: dict[str, torch.dtype] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: object, out: torch.Tensor | tuple) -> None:
+            dtypes.setdefault(name, (out[0] if isinstance(out, tuple) else out).dtype)
+        return hook
+
+    nets.generator.stem[0].register_forward_hook(record("generator conv"))
+    nets.generator.register_forward_hook(record("generator output"))
+    nets.bert.model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(record("bert linear"))
+    nets.cnn.net[0].register_forward_hook(record("cnn conv"))
+    grads: list[torch.Tensor] = []
+    for p in nets.generator.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: grads.append(p.grad.detach().clone()))
+    losses = gan_step([fixed_batch()], nets, make_optimisers(nets, cfg, 10), cfg)
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    assert dtypes.pop("generator output") == torch.float32
+    assert set(dtypes.values()) == {torch.bfloat16}, dtypes
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
 def test_accumulation_of_two_halves_matches_one_batch_for_l1_only() -> None:

@@ -591,3 +591,20 @@ def test_two_concurrent_folder_runs_never_overwrite_each_other(model_dir: Path, 
         expect = syn.synthesize_volume(generators[owner], cfg, _t1(seed))
         np.testing.assert_allclose(nib.load(str(out / f"{name}_pet.nii.gz")).get_fdata(), np.asarray(expect.dataobj),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_study_as_model_stands_for_a_rows_fold_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from ganbert.synthesize import study_members
+
+    study = tmp_path / "home" / "study" / "st"
+    study.mkdir(parents=True)
+    cells = [{"row": "mean-PET", "tracer": "AV45", "seed": None, "checkpoints": [None, None]},
+             {"row": "ganbert", "tracer": "AV45", "seed": 0, "checkpoints": ["/ck/f0", "/ck/f1"]}]
+    (study / "study.json").write_text(json.dumps({"cells": cells}))
+    monkeypatch.setenv("GANBERT_HOME", str(tmp_path / "home"))
+    assert study_members([str(study), "models:/m-1"]) == ["/ck/f0", "/ck/f1", "models:/m-1"]
+    assert study_members(["st"], "ganbert") == ["/ck/f0", "/ck/f1"]  # by the study's name in $GANBERT_HOME
+    with pytest.raises(ValueError, match="--study-row"):
+        study_members([str(study)], "mean-PET")

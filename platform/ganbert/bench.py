@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import multiprocessing
 import os
 import resource
@@ -10,7 +12,7 @@ import platform as stdlib_platform
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -37,7 +39,7 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def isolated_step_figures(cfg: Config, steps: int, device: torch.device) -> dict[str, float]:
+def isolated_step_figures(cfg: Config, steps: int, device: torch.device) -> dict[str, Any]:
     """`step_figures` on CUDA in-process; on CPU in a fresh process so its peak RSS is this config's alone."""
     if device.type == "cuda":
         return step_figures(cfg, steps, device)
@@ -45,38 +47,61 @@ def isolated_step_figures(cfg: Config, steps: int, device: torch.device) -> dict
         return pool.apply(step_figures, (cfg, steps, device))
 
 
-def step_figures(cfg: Config, steps: int, device: torch.device) -> dict[str, float]:
-    """Samples/s and peak memory of `gan_step` for one config (random data of the config's geometry)."""
-    seed_everything(cfg.run.seed)
+def random_data_config(cfg: Config) -> Config:
+    """`cfg` with a token space for N(0, 1) random data (`random_micro_batches`) unless it has one."""
+    if cfg.calibrated:
+        return cfg
+    return config_mod.apply(cfg, {"sequence.mri_range": (-4.0, 4.0), "sequence.pet_range": (-4.0, 4.0)})
+
+
+def random_micro_batches(cfg: Config, device: torch.device) -> list[Batch]:
+    """`optim.accumulation` N(0, 1) micro-batches of the config's geometry: mri `(B, 1, D, H, W)`,
+    pet `(B, T, d, h, w)`, channels-last if `optim.channels_last`."""
     g, o = cfg.geometry, cfg.optim
+    fmt = torch.channels_last_3d if o.channels_last else torch.contiguous_format
+    return [Batch(torch.randn(o.batch_size, 1, *g.mri_size, device=device).to(memory_format=fmt),
+                  torch.randn(o.batch_size, g.pet_frames, *g.pet_size, device=device).to(memory_format=fmt))
+            for _ in range(o.accumulation)]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_figures(cfg: Config, steps: int, device: torch.device) -> dict[str, Any]:
+    """Samples/s and peak memory of `gan_step` for one config (random data of the config's geometry), the
+    first (warm-up, compiling) step's seconds, whether every loss of every step was finite, and the first and
+    last timed step's losses."""
+    seed_everything(cfg.run.seed)
+    o = cfg.optim
     nets = place_networks(build_networks(cfg), cfg, device)
     opt = make_optimisers(nets, cfg, steps + 1)
-    fmt = torch.channels_last_3d if o.channels_last else torch.contiguous_format
-    micro = [Batch(torch.randn(o.batch_size, 1, *g.mri_size, device=device).to(memory_format=fmt),
-                   torch.randn(o.batch_size, g.pet_frames, *g.pet_size, device=device).to(memory_format=fmt))
-             for _ in range(o.accumulation)]
+    micro = random_micro_batches(cfg, device)
     with peak_memory(device) as mem:
-        gan_step(micro, nets, opt, cfg)  # warm-up (and compilation)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         start = time.perf_counter()
-        for _ in range(steps):
-            gan_step(micro, nets, opt, cfg)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        history = [gan_step(micro, nets, opt, cfg)]  # warm-up (and compilation)
+        synchronize(device)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        history += [gan_step(micro, nets, opt, cfg) for _ in range(steps)]
+        synchronize(device)
         seconds = time.perf_counter() - start
     samples = steps * o.batch_size * o.accumulation
-    return {"samples_per_s": samples / seconds, "s_per_step": seconds / steps, "peak_mib": mem["peak_mib"]}
+    return {"samples_per_s": samples / seconds, "s_per_step": seconds / steps, "peak_mib": mem["peak_mib"],
+            "first_step_s": first, "finite": all(math.isfinite(v) for h in history for v in h.values()),
+            "first_losses": history[1], "last_losses": history[-1]}
 
 
 def bench_step(cfg: Config, steps: int) -> list[dict[str, object]]:
     """Per method: the preset's speed options (bf16 on GPU, channels-last, compile as set) vs all off."""
     device = pick_device()
-    if not cfg.calibrated:  # the random N(0, 1) data below
-        cfg = config_mod.apply(cfg, {"sequence.mri_range": (-4.0, 4.0), "sequence.pet_range": (-4.0, 4.0)})
+    cfg = random_data_config(cfg)
     rows = []
     for method in METHODS:
-        fast_cfg = config_mod.apply(cfg, {"model.method": method, "optim.amp": True, "optim.channels_last": True})
+        fast_cfg = config_mod.apply(cfg, {"model.method": method, "optim.amp": device.type == "cuda",
+                                          "optim.channels_last": True})
         plain_cfg = config_mod.apply(cfg, {"model.method": method, "optim.amp": False, "optim.channels_last": False,
                                            "optim.compile": False})
         fast = isolated_step_figures(fast_cfg, steps, device)
@@ -176,6 +201,20 @@ def phantom_t1(size: str) -> str:
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
+    if args.what == "uncertainty":
+        from ganbert import uncertainty
+
+        if not args.study or not args.row:
+            raise ValueError("bench uncertainty needs --study DIR (a finished `ganbert study --folds K`) and --row NAME")
+        found = uncertainty.measure(Path(args.study), args.row)
+        text = uncertainty.render(found)
+        write_text(Path(args.study) / f"uncertainty-{args.row.replace(' ', '-')}.json", json.dumps(found, indent=1))
+        if args.write:
+            write_section(f"Fold-ensemble uncertainty, {found['row']}",
+                          [f"Command: `ganbert bench uncertainty --study {args.study} --row '{args.row}'`", "",
+                           *text.splitlines()])
+        print(text)
+        return 0
     if args.what == "registration":
         from ganbert.data.bench import bench_registration
         size = {"tiny": "tiny", "demo": "demo"}.get(cfg.preset, "paper")

@@ -10,9 +10,9 @@ from ganbert import config as config_mod
 from ganbert.config import Config
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(config_mod.PRESETS), default="paper",
-                   help="base configuration (default: paper)")
+def _config_args(p: argparse.ArgumentParser, default: str | None = "paper") -> None:
+    p.add_argument("--preset", choices=sorted(config_mod.PRESETS), default=default,
+                   help=f"base configuration (default: {default or 'none'})")
     p.add_argument("--config", default=None, help="YAML file overriding the preset")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides, applied last")
 
@@ -20,6 +20,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def load_config(args: argparse.Namespace) -> Config:
     """Preset, then --config, then key=value overrides."""
     return config_mod.load(args.preset, args.config, list(args.overrides))
+
+
+def explicit_keys(args: argparse.Namespace) -> set[str]:
+    """The `section.field` keys set on the command line (overrides) or in the --config file."""
+    keys = set(config_mod.parse_overrides(list(args.overrides)))
+    if args.config is not None:
+        import yaml
+
+        tree = yaml.safe_load(open(args.config).read()) or {}
+        keys |= set(config_mod.flatten(tree)) if isinstance(tree, dict) else set()
+    return keys
 
 
 # --- handlers (imports are lazy so `ganbert --help` stays fast) ----------------------------------
@@ -46,7 +57,9 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from ganbert import evaluate
-    return evaluate.main(args)
+    given = args.preset is not None or args.config is not None or bool(args.overrides)
+    cfg = config_mod.load(args.preset or "paper", args.config, list(args.overrides)) if given else None
+    return evaluate.main(args, cfg, explicit_keys(args))
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -65,6 +78,9 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.what == "overhead":
+        from ganbert.train import overhead
+        return overhead.main(args, load_config(args))
     from ganbert import bench
     return bench.main(args, load_config(args))
 
@@ -94,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pet-space", choices=("t1", "adni-standard"), default="t1",
                    help="t1: PET in the T1's world; adni-standard: ADNI's 160x160x96 1.5 mm grid under a random "
                         "rigid motion (true pose in ground_truth.json)")
+    p.add_argument("--site", choices=("A", "B"), default="A",
+                   help="A: the default phantom; B: a cohort shift (other anatomy warp and head size spread, T1 "
+                        "noise and bias, PET PSF, noise and scanner scale, amyloid load; data/phantom/site.py)")
     p.add_argument("--format", choices=("nifti", "dicom"), default="nifti",
                    help="nifti, or dicom: one file per slice as ADNI ships them, PET frames with their timing")
 
@@ -130,15 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (subjects.csv, summary.json, figures/)")
     p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
     p.add_argument("--tracking-uri", default=None, help="log the summary to MLflow at this URI")
-    p.add_argument("--experiment", default="evaluate", help="MLflow experiment (with --tracking-uri)")
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment (with --tracking-uri; default: run.experiment when set, else 'evaluate')")
+    _config_args(p, default=None)
 
-    p = add("study", _study, "train every row x tracer of a study with N seeds, select on val, evaluate on test: "
-            "the paper's Tables 1/2 with mean +- sd")
-    p.add_argument("--space", default="search_spaces/study.yaml", help="study YAML (rows and tracers)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per row and tracer (run.seed + 0..N-1)")
+    p = add("study", _study, "cross-validate every row x tracer of a study (or of a Tune grid) with N seeds, score "
+            "the locked test split with each row's fold ensemble, and compare rows per subject with paired intervals")
+    p.add_argument("--space", default="search_spaces/study.yaml",
+                   help="study YAML (rows and tracers), or a Tune search space whose grid becomes the rows")
+    p.add_argument("--folds", type=int, default=5,
+                   help="K folds of the non-test subjects (default 5); 1 = the fixed train/val/test split")
+    p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (recorded beside the shards)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per row, tracer and fold (run.seed + 0..N-1)")
+    p.add_argument("--reference", default=None,
+                   help="the row every other row is paired with (default: 'L1-only U-Net' when present, else the "
+                        "row with the preset's values, else the first)")
+    p.add_argument("--external", action="append", default=None, metavar="NAME=SHARDS",
+                   help="also score each row's fold ensemble on another cohort's shards (all its subjects); repeatable")
+    p.add_argument("--bootstrap", type=int, default=10_000, help="subject-bootstrap resamples (default 10000)")
     p.add_argument("--data", default=None, help="preprocessed shards (default: a cached phantom cohort)")
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--out", default=None, help="output folder (default runs/study/<name>)")
+    p.add_argument("--out", default=None, help="output folder (default <GANBERT_HOME or ./runs>/study/<name>)")
     p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
     _config_args(p)
 
@@ -150,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("synthesize", _synthesize, "synthesise PET (4D NIfTI, original units) from T1 MRI, after input QC")
     p.add_argument("--model", required=True, action="append",
                    help="MLflow model URI, a model/checkpoint folder, or a folder as a URI pyarrow reads (file://, "
-                        "s3://, gs://); repeat for an ensemble (members averaged, voxel-wise SD written)")
+                        "s3://, gs://); repeat for an ensemble (members averaged, voxel-wise SD written); a "
+                        "`ganbert study` folder or name stands for the fold models of one of its rows")
+    p.add_argument("--study-row", default=None,
+                   help="with a study as --model: the row whose fold models are the ensemble (default: its only "
+                        "trained row)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: add each model's left-right mirrored input (mirrored back)")
     p.add_argument("--skip-qc", action="store_true",
@@ -169,9 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the reference PET is put in the T1's space (none: trust the headers)")
 
     p = add("bench", _bench, "print benchmark figures (and update BENCHMARKS.md)")
-    p.add_argument("what", choices=("step", "preprocess", "tokens", "loader", "registration", "qc"))
+    p.add_argument("what", choices=("step", "preprocess", "tokens", "loader", "registration", "overhead",
+                                     "uncertainty", "qc"))
+    p.add_argument("--study", default=None, help="uncertainty: a finished `ganbert study --folds K` output folder")
+    p.add_argument("--row", default=None, help="uncertainty: the study row whose fold ensemble is measured")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--data", default=None, help="tokens, loader: preprocessed shards (default: the cached phantom)")
+    p.add_argument("--data", default=None, help="tokens, loader, overhead: preprocessed shards (default: the cached phantom)")
     p.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
     p.add_argument("--subjects", type=int, default=6, help="qc: phantom subjects per size (index 0 has a FLAIR)")
     _config_args(p)
@@ -184,8 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv`; `key.path=value` overrides may also follow options that come after a positional
+    (`ganbert bench overhead --preset tiny optim.epochs=20`), which argparse alone leaves unrecognised."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.handler(args) or 0)
     except ValueError as err:

@@ -137,6 +137,9 @@ class RunConfig:
     experiment: str = "ganbert"
     max_failures: int = 2
     log_every: int = 10
+    validate_every: int = 1  # validate on val every N epochs; the last epoch always
+    checkpoint_every: int = 1  # checkpoint every N epochs (a multiple of validate_every), the last and each new best
+    in_memory_mb: int = 1024  # a training split up to this size (decoded) is read once per worker, else every epoch
 
 
 @dataclass
@@ -245,6 +248,12 @@ def validate(cfg: Config) -> None:
     _check(r.cpus_per_worker >= 1, "run.cpus_per_worker", f"must be >= 1, got {r.cpus_per_worker}")
     _check(r.threads_per_worker >= 0, "run.threads_per_worker", f"must be >= 0, got {r.threads_per_worker}")
     _check(r.max_failures >= 0, "run.max_failures", f"must be >= 0, got {r.max_failures}")
+    for name in ("validate_every", "checkpoint_every"):
+        _check(getattr(r, name) >= 1, f"run.{name}", f"must be >= 1, got {getattr(r, name)}")
+    _check(r.checkpoint_every % r.validate_every == 0, "run.checkpoint_every",
+           f"must be a multiple of run.validate_every={r.validate_every} (a checkpoint carries its val score), "
+           f"got {r.checkpoint_every}")
+    _check(r.in_memory_mb >= 0, "run.in_memory_mb", f"must be >= 0 (0: always stream), got {r.in_memory_mb}")
 
 
 # --- presets -------------------------------------------------------------------------------------

@@ -70,15 +70,46 @@ def upload_dir(local: Path, dest: str) -> None:
     pafs.copy_files(str(local), inner, destination_filesystem=fs)
 
 
-def read_text(path: str) -> str | None:
-    """The text of a file at a path or URI; None when it does not exist."""
+def download_dir(src: str, local: Path) -> Path:
+    """Copy a folder at a path or URI into the local folder `local` (created); returns `local`."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(src)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:  # type: ignore[attr-defined]
+        raise ValueError(f"{src}: no such folder")
+    Path(local).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(inner, str(Path(local).resolve()), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return Path(local)
+
+
+def read_bytes(path: str) -> bytes | None:
+    """The bytes of a file at a path or URI; None when it does not exist."""
     import pyarrow.fs as pafs
 
     fs, inner = filesystem(path)
     if fs.get_file_info(inner).type != pafs.FileType.File:  # type: ignore[attr-defined]
         return None
     with fs.open_input_stream(inner) as f:  # type: ignore[attr-defined]
-        return f.read().decode()
+        return f.read()
+
+
+def read_text(path: str) -> str | None:
+    """The text of a file at a path or URI; None when it does not exist."""
+    data = read_bytes(path)
+    return None if data is None else data.decode()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a file at a path (atomically: temporary file, then rename) or a URI (one object put)."""
+    if not is_uri(path):
+        from ganbert.atomic import write_bytes as write_local
+
+        write_local(path, data)
+        return
+    fs, inner = filesystem(path)
+    with fs.open_output_stream(inner) as f:  # type: ignore[attr-defined]
+        f.write(data)
 
 
 def exists(path: str) -> bool:

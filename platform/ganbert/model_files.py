@@ -13,10 +13,10 @@ MODEL_URI_FILE = "MODEL_URI"
 # The artifact of the MLflow pyfunc model that holds the model directory.
 MODEL_ARTIFACT = "model_dir"
 
-# A checkpoint: every network's weights, the optimisers' tensors, the RNG tensors, and the JSON rest.
+# A checkpoint: every network's weights, the optimisers' tensors, and the JSON rest (no RNG state: see
+# train/checkpoint.py `save_state`).
 STATE_FILE = "state.json"
 OPTIM_FILE = "optim.safetensors"
-RNG_FILE = "rng.safetensors"
 
 
 def network_file(name: str) -> str:

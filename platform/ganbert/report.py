@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ REPORT_RUN_NAME = "report"
 KIND_TAG = "ganbert.kind"
 ROW_TAG = "ganbert.row"
 TEST_PREFIX = "test_"
+PAIRED_KEY = re.compile(r"(?P<tracer>[^/]+)/(?P<row>[^.]+)\.(?P<key>[^.]+)\.(?P<stat>delta|ci_lo|ci_hi|p)")
 TEST_COLUMNS = (("psnr", "PSNR", 2), ("ssim", "SSIM", 3), ("rmse", "RMSE", 3), ("psnr_brain", "PSNR brain", 2),
                 ("psnr_rel", "PSNR rel", 2), ("ssim_rel", "SSIM rel", 3), ("wasserstein", "W1", 3),
                 ("suvr_mape", "SUVR MAPE %", 2), ("positivity_agreement", "positivity", 2))
@@ -131,8 +133,21 @@ def _grid_table(cells: dict[tuple[str, str], tuple[str, ...]], methods: list[str
     return lines
 
 
+def paired_rows(metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """A study parent run's paired metrics `<tracer>/<row>.<set>_<metric>.delta|ci_lo|ci_hi|p` as rows
+    {"tracer", "row", "key" (<set>_<metric>), "delta", "ci_lo", "ci_hi", "p"} (p None when absent), sorted."""
+    found: dict[tuple[str, str, str], dict[str, float]] = {}
+    for name, value in metrics.items():
+        m = PAIRED_KEY.fullmatch(name)
+        if m:
+            found.setdefault((m["tracer"], m["row"], m["key"]), {})[m["stat"]] = float(value)
+    return [{"tracer": t, "row": r, "key": k, "delta": v["delta"], "ci_lo": v["ci_lo"], "ci_hi": v["ci_hi"],
+             "p": v.get("p")} for (t, r, k), v in sorted(found.items()) if {"delta", "ci_lo", "ci_hi"} <= set(v)]
+
+
 def render_markdown(rows: list[dict[str, Any]], experiment: str, tracking_uri: str, n_runs: int,
-                    tests: list[dict[str, Any]] | None = None) -> str:
+                    tests: list[dict[str, Any]] | None = None,
+                    studies: dict[str, list[dict[str, Any]]] | None = None) -> str:
     """report.md: this experiment's table, the runs behind it, test metrics where runs have them, and the
     paper's numbers as text (its PET units and ranges differ from the phantom's: no shared axis)."""
     methods = _order([r["method"] for r in rows] + list(METHODS), METHODS)
@@ -168,6 +183,15 @@ def render_markdown(rows: list[dict[str, Any]], experiment: str, tracking_uri: s
                 mean, sd = t["stats"][metric]
                 cells.append(f"{mean:.{digits}f} ± {sd:.{digits}f}" if t["n"] > 1 else f"{mean:.{digits}f}")
             lines.append(f"| {t['name']} | {t['tracer']} | {t['n']} | " + " | ".join(cells) + " |")
+    for study, pairs in (studies or {}).items():
+        lines += ["", f"## Study `{study}`: paired differences against its reference row", "",
+                  "Row - reference over the subjects both have (`ganbert study`, study.md has the verdicts); "
+                  "95 % subject-bootstrap interval; p: Wilcoxon signed-rank, Holm-adjusted over the rows.", "",
+                  "| tracer | row | set_metric | difference [95 % CI] | p Holm |", "|---|---|---|---:|---:|"]
+        for e in pairs:
+            p = "–" if e["p"] is None else f"{e['p']:.3g}"
+            lines.append(f"| {e['tracer']} | {e['row']} | {e['key']} | {e['delta']:+.4g} [{e['ci_lo']:+.4g}, "
+                         f"{e['ci_hi']:+.4g}] | {p} |")
     lines += ["", "## The paper's numbers (for reference, not from this experiment)", "",
               "Shin et al., GANBERT, Tables 1 and 2 (ADNI3; 64 V100, about 500 epochs; no best epoch "
               "given). – = not reported.", ""]
@@ -238,6 +262,19 @@ def collect_runs(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
             return runs
 
 
+def collect_studies(tracking_uri: str, experiment: str) -> dict[str, list[dict[str, Any]]]:
+    """{study run name: paired_rows of its metrics} for the finished `ganbert study` parent runs of the experiment."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return {}
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'study' and "
+                              "attributes.status = 'FINISHED'", max_results=1000)
+    return {run.info.run_name: paired_rows(run.data.metrics) for run in runs}
+
+
 def main(args: argparse.Namespace) -> int:
     """Write <out>/report.md and <out>/report.png and log both to a new run named `report`."""
     from ganbert.home import default_tracking_uri
@@ -248,7 +285,8 @@ def main(args: argparse.Namespace) -> int:
     rows = build_table(runs)
     out = Path(args.out)
     md = out / "report.md"
-    write_text(md, render_markdown(rows, args.experiment, uri, len(runs), test_table(runs)))
+    write_text(md, render_markdown(rows, args.experiment, uri, len(runs), test_table(runs),
+                                   collect_studies(uri, args.experiment)))
     png = render_png(rows, out / "report.png")
     with MLflowTracker(uri, args.experiment, REPORT_RUN_NAME, tags={KIND_TAG: REPORT_RUN_NAME}) as tracker:
         tracker.log_artifact(md)

@@ -633,6 +633,31 @@ def _print_single(res: Result, members: Members, out: Path) -> None:
     print(f"qc picture: {paths['qc_png']}")
 
 
+def study_members(models: list[str], row: str | None = None) -> list[str]:
+    """Each --model as given, except a `ganbert study` (its output folder, or its name under
+    `<GANBERT_HOME>/study/`), which stands for the fold checkpoints of one of its trained rows (`row`; may be left out
+    when the study trained one row). Raises ValueError naming the study and its rows otherwise."""
+    from ganbert import home
+
+    out: list[str] = []
+    for model in models:
+        folder = Path(model).expanduser()
+        if not (folder / "study.json").is_file() and "/" not in model and not home.is_uri(model):
+            folder = home.home() / "study" / model
+        if not (folder / "study.json").is_file():
+            out.append(model)
+            continue
+        cells = [c for c in json.loads((folder / "study.json").read_text())["cells"]
+                 if all(c["checkpoints"]) and c["checkpoints"]]
+        rows = sorted({c["row"] for c in cells})
+        chosen = row or (rows[0] if len(rows) == 1 else None)
+        found = [c for c in cells if c["row"] == chosen]
+        if not found:
+            raise ValueError(f"--model {model}: a study; name one of its trained rows with --study-row ({rows})")
+        out += [str(path) for c in found for path in c["checkpoints"]]
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     """`ganbert synthesize --model URI [--model URI ...] [--tta] [--skip-qc] --mri T1.nii.gz|DIR --out PET.nii.gz|DIR
     [--tracking-uri URI] [--reference-pet REAL_PET [--reference-registration rigid|none]]`.
@@ -642,7 +667,8 @@ def main(args: argparse.Namespace) -> int:
     """
     mri, out = Path(args.mri), Path(args.out)
     tracking_uri = getattr(args, "tracking_uri", None)
-    models = [args.model] if isinstance(args.model, str) else list(args.model)
+    models = study_members([args.model] if isinstance(args.model, str) else list(args.model),
+                           getattr(args, "study_row", None))
     skip_qc, tta = bool(getattr(args, "skip_qc", False)), bool(getattr(args, "tta", False))
     overwrite = bool(getattr(args, "overwrite", False))
     if mri.is_dir() and not dicom.is_series(mri):

@@ -116,3 +116,20 @@ def test_parallel_writers_give_the_same_cohort(tiny_cohort: Path, tmp_path: Path
     assert len(files) == 2 * 2 + 1  # two subjects: T1 + FDG each, and subject 0's FLAIR
     for mine in files:
         assert (tiny_cohort / mine.relative_to(out)).read_bytes() == mine.read_bytes(), mine.name
+
+
+def test_site_b_is_a_documented_shift_with_its_own_subjects(tiny_cohort: Path, tmp_path: Path) -> None:
+    """`ganbert phantom --site B`: other subject ids, the site's ranges in the ground truth, another PET."""
+    args = argparse.Namespace(out=str(tmp_path / "b"), subjects=2, tracers="AV45", size="tiny", seed=0, site="B")
+    assert phantom.main(args) == 0
+    rows = _rows(tmp_path / "b")
+    assert {r["Subject"] for r in rows} == {"002_S_7000", "003_S_7001"}
+    truth = json.loads((tmp_path / "b" / "ground_truth.json").read_text())
+    assert truth["site"] == json.loads(json.dumps(phantom.SITES["B"].__dict__))
+    assert "site" not in json.loads((tiny_cohort / "ground_truth.json").read_text())  # site A writes as before
+    a, b = phantom.SITES["A"], phantom.SITES["B"]
+    assert b.pet_fwhm_mm[0] >= a.pet_fwhm_mm[1] and b.t1_noise[1] > a.t1_noise[1] and b.warp_mm > a.warp_mm
+    # the same subject draw (seed 0, index 0) acquired at B: not the PET written at A
+    pet_a = nib.load(next((tiny_cohort / "ADNI" / "002_S_6000").rglob("*AV45*.nii.gz"))).get_fdata()[..., 0]
+    pet_b = nib.load(next((tmp_path / "b" / "ADNI" / "002_S_7000").rglob("*AV45*.nii.gz"))).get_fdata()[..., 0]
+    assert pet_a.shape == pet_b.shape and not np.allclose(pet_a, pet_b)

@@ -16,6 +16,7 @@ from ganbert import home
 from ganbert.config import GeometryConfig
 from ganbert.data import shards
 from ganbert.data.datacontext import quiet_data_context
+from ganbert.data.part import Part, as_part
 
 STRING_KEYS = ("subject", "tracer", "split", "group", "mri_image_id", "pet_image_id")
 
@@ -51,23 +52,37 @@ def shard_paths(data_dir: Path | str, split: str, tracer: str | None = None,
     return [home.join(str(data_dir), s["file"]) for s in entries]
 
 
-def checked_manifest(data_dir: Path | str, splits: tuple[str, ...], tracer: str | None = None,
+def part_records(manifest: dict[str, Any], data_dir: Path | str, split: str | Part,
+                 tracer: str | None = None) -> list[dict[str, Any]]:
+    """Manifest row records (subject, split, tracer, shard, row, ...) of a split or Part (and tracer), in manifest
+    order (shard by shard, row by row); ValueError naming the part when there are none."""
+    part = as_part(split)
+    found = [r for r in manifest["rows"] if part.holds(r, tracer)]
+    if not found:
+        have = sorted({(s["split"], s["tracer"]) for s in manifest["shards"]})
+        raise ValueError(f"{part.describe()}" + (f" tracer {tracer!r}" if tracer else "") +
+                         f": no rows in {data_dir} (present: {have})")
+    return found
+
+
+def checked_manifest(data_dir: Path | str, splits: tuple[str | Part, ...], tracer: str | None = None,
                      geometry: GeometryConfig | None = None) -> dict[str, Any]:
     """The manifest of `data_dir`, read once; ValueError when the shards were made for another `geometry` or
-    one of `splits` has no rows (of `tracer`)."""
+    one of `splits` (names or Parts) has no rows (of `tracer`)."""
     manifest = _manifest(data_dir, geometry)
     for split in splits:
-        _entries(manifest, data_dir, split, tracer)
+        part_records(manifest, data_dir, split, tracer)
     return manifest
 
 
-def rows_in(manifest: dict[str, Any], split: str, tracer: str | None = None) -> int:
-    """Rows of a split (and tracer) as a manifest lists them."""
-    return sum(s["rows"] for s in shards.shards_for(manifest, split, tracer))
+def rows_in(manifest: dict[str, Any], split: str | Part, tracer: str | None = None) -> int:
+    """Rows of a split or Part (and tracer) as the manifest lists them."""
+    part = as_part(split)
+    return sum(1 for r in manifest["rows"] if part.holds(r, tracer))
 
 
-def count_rows(data_dir: Path | str, split: str, tracer: str | None = None) -> int:
-    """Rows of a split (and tracer), from the manifest."""
+def count_rows(data_dir: Path | str, split: str | Part, tracer: str | None = None) -> int:
+    """Rows of a split or Part (and tracer), from the manifest."""
     return rows_in(shards.read_manifest(data_dir), split, tracer)
 
 
@@ -101,13 +116,11 @@ def _read_positions(batch: Any) -> Any:
     return pa.concat_tables([taken[f][r] for f, r in zip(files, rows)]).combine_chunks()
 
 
-def split_positions(data_dir: Path | str, split: str, tracer: str | None = None,
+def split_positions(data_dir: Path | str, split: str | Part, tracer: str | None = None,
                     geometry: GeometryConfig | None = None) -> list[tuple[str, int]]:
-    """(shard path, row) of every row of a split (and tracer), in manifest order."""
-    paths = shard_paths(data_dir, split, tracer, geometry)
-    manifest = _manifest(data_dir)
-    rows = {s["file"]: int(s["rows"]) for s in manifest["shards"]}
-    return [(p, r) for p in paths for r in range(rows[p.rsplit("/", 1)[-1]])]
+    """(shard path, row) of every row of a split or Part (and tracer), in manifest order."""
+    records = part_records(_manifest(data_dir, geometry), data_dir, split, tracer)
+    return [(home.join(str(data_dir), r["shard"]), int(r["row"])) for r in records]
 
 
 def epoch_positions(positions: list[tuple[str, int]], seed: int, epoch: int, rank: int = 0,
@@ -141,9 +154,9 @@ def positions_dataset(positions: list[tuple[str, int]], rows_per_read: int = 4) 
         _read_positions, batch_size=rows_per_read, batch_format="pyarrow", num_cpus=READ_CPUS)
 
 
-def read_split(data_dir: Path | str, split: str, tracer: str | None = None,
+def read_split(data_dir: Path | str, split: str | Part, tracer: str | None = None,
                geometry: GeometryConfig | None = None) -> Any:
-    """A lazy `ray.data.Dataset` over the rows of one split (and tracer), in manifest order.
+    """A lazy `ray.data.Dataset` over the rows of one split or Part (and tracer), in manifest order.
 
     With `geometry`, raises ValueError when the shards were made for another geometry. Starts a local
     Ray if none is running and sets DataContext.execution_options.preserve_order. Read tasks ask
@@ -152,10 +165,69 @@ def read_split(data_dir: Path | str, split: str, tracer: str | None = None,
     return positions_dataset(split_positions(data_dir, split, tracer, geometry))
 
 
-def epoch_dataset(data_dir: Path | str, split: str, tracer: str | None, seed: int, epoch: int, rank: int = 0,
-                  world: int = 1) -> Any:
-    """This rank's rows of a seeded per-epoch permutation of the whole split, as a lazy Ray Dataset."""
+def epoch_dataset(data_dir: Path | str, split: str | Part, tracer: str | None, seed: int, epoch: int,
+                  rank: int = 0, world: int = 1) -> Any:
+    """This rank's rows of a seeded per-epoch permutation of the whole split (or Part), as a lazy Ray Dataset."""
     return positions_dataset(epoch_positions(split_positions(data_dir, split, tracer), seed, epoch, rank, world))
+
+
+def row_bytes(geometry: GeometryConfig) -> int:
+    """Bytes of one decoded shard row: uint8 MRI, float32 PET frames, uint8 brain mask and labels, the affine."""
+    pet_grid = int(np.prod(geometry.pet_size))
+    return int(np.prod(geometry.mri_size)) + 4 * geometry.pet_frames * pet_grid + 2 * pet_grid + 16 * 8
+
+
+def fits_in_memory(manifest: dict[str, Any], split: str | Part, tracer: str | None, geometry: GeometryConfig,
+                   budget_mb: int) -> bool:
+    """Whether the decoded rows of a split or Part (and tracer) take at most `budget_mb` MiB (`SplitRows` holds
+    them; for a Part, the whole shards its rows lie in are read)."""
+    return rows_in(manifest, split, tracer) * row_bytes(geometry) <= budget_mb * 2**20
+
+
+def _numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """A pyarrow table -> {column: numpy array}, as Ray Data's numpy batch format gives it to `_to_torch`."""
+    out: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if isinstance(column.type, pa.FixedShapeTensorType):
+            out[name] = column.to_numpy_ndarray()
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
+class SplitRows:
+    """Every row of a split (and tracer), read once with pyarrow and held in memory; served in any order.
+
+    For training splits that fit in memory (`fits_in_memory`): an epoch then costs no Ray Data planning or
+    reads, and `batches(epoch_positions(...))` yields exactly what `torch_batches(epoch_dataset(...))` does.
+    """
+
+    def __init__(self, data_dir: Path | str, split: str | Part, tracer: str | None = None) -> None:
+        self.positions = split_positions(data_dir, split, tracer)
+        paths = list(dict.fromkeys(path for path, _ in self.positions))
+        tables = [pq.read_table(_open(path)) for path in paths]  # whole shards; a Part keeps only its rows' index
+        offset = dict(zip(paths, itertools.accumulate((t.num_rows for t in tables), initial=0)))
+        rows = dict(zip(paths, (t.num_rows for t in tables)))
+        bad = [(path, row) for path, row in self.positions if row >= rows[path]]
+        if bad:
+            raise ValueError(f"{as_part(split).describe()} of {data_dir}: the manifest lists row {bad[0][1]} of "
+                             f"{bad[0][0]}, which holds {rows[bad[0][0]]} rows")
+        self.table = pa.concat_tables(tables).combine_chunks()
+        self.index = {(path, row): offset[path] + row for path, row in self.positions}
+
+    def batches(self, positions: list[tuple[str, int]], batch_size: int,
+                drop_last: bool = False) -> Iterator[dict[str, Any]]:
+        """Torch batches (as `torch_batches` yields them) of the rows at `positions`, in that order."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        unknown = [p for p in positions if p not in self.index]
+        if unknown:
+            raise ValueError(f"positions: {unknown[0]} is not a row of this split")
+        end = len(positions) - len(positions) % batch_size if drop_last else len(positions)
+        for start in range(0, end, batch_size):
+            rows = [self.index[p] for p in positions[start:start + batch_size]]
+            yield _to_torch(_numpy_batch(self.table.take(rows)))
 
 
 def legacy_read_split(data_dir: Path | str, split: str, tracer: str | None = None) -> Any:
@@ -221,22 +293,37 @@ def torch_batches(dataset_or_shard: Any, batch_size: int, shuffle_seed: int | No
         yield _to_torch(batch)
 
 
-def read_rows(data_dir: Path | str, split: str, tracer: str | None = None,
+def read_rows(data_dir: Path | str, split: str | Part, tracer: str | None = None,
               geometry: GeometryConfig | None = None) -> Iterator[dict[str, Any]]:
-    """Plain pyarrow reader (no Ray): one dict per row, numpy values, one row group in memory at a time.
+    """Plain pyarrow reader (no Ray): one dict per row of a split or Part, numpy values, one row group in memory
+    at a time; row groups without a wanted row are skipped. An empty split or Part yields nothing.
 
     "mri" uint8 (1, D, H, W), "pet" float32 (T, d, h, w), "mri_affine" float64 (4, 4), floats and strings.
     """
     manifest = _manifest(data_dir, geometry)
-    for entry in shards.shards_for(manifest, split, tracer):
+    part = as_part(split)
+    wanted: dict[str, set[int]] = {}
+    for r in manifest["rows"]:
+        if part.holds(r, tracer):
+            wanted.setdefault(r["shard"], set()).add(int(r["row"]))
+    for entry in manifest["shards"]:
+        rows = wanted.get(entry["file"])
+        if not rows:
+            continue
         pf = pq.ParquetFile(_open(home.join(str(data_dir), entry["file"])))
+        start = 0
         for group in range(pf.num_row_groups):
+            n = pf.metadata.row_group(group).num_rows
+            take = [i - start for i in range(start, start + n) if i in rows]
+            start += n
+            if not take:
+                continue
             table = pf.read_row_group(group)
             cols = {name: table.column(name).combine_chunks() for name in table.column_names}
             arrays = {name: cols[name].to_numpy_ndarray() for name in cols
                       if isinstance(cols[name].type, pa.FixedShapeTensorType)}
             plain = {name: cols[name].to_pylist() for name in cols if name not in arrays}
-            for i in range(table.num_rows):
+            for i in take:
                 row: dict[str, Any] = {name: values[i] for name, values in plain.items()}
                 row.update({name: arr[i] for name, arr in arrays.items()})
                 yield row

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from ganbert import home
 from ganbert.config import TRACERS, Config, apply
 from ganbert.data import loader, shards
+from ganbert.data.part import Part
 from ganbert.metrics import normalise_mri, normalise_pet
 from ganbert.sequence import Vocabulary, calibrated_range, summarise
 
@@ -50,14 +51,15 @@ def row_summaries(row: dict[str, Any], length: int) -> tuple[np.ndarray, np.ndar
     return (summarise(mri.double(), length)[0].numpy(), summarise(pet, length)[0].numpy(), pet.flatten().numpy())
 
 
-def tracer_stats(data_dir: Path | str, tracer: str, length: int) -> dict[str, Any] | None:
-    """Statistics of one tracer's training split (None when it has no training rows).
+def tracer_stats(data_dir: Path | str, tracer: str, length: int, part: str | Part = "train") -> dict[str, Any] | None:
+    """Statistics of one tracer's training split, or of another Part (a fold's training subjects); None when it
+    has no rows.
 
     "pet_mean_volume" (float32 `(T, d, h, w)`, normalised units) is the voxelwise mean training PET; the
     rest is JSON-able.
     """
     mri_parts, pet_parts, total, total_sq, count, volume, shape = [], [], 0.0, 0.0, 0, None, ()
-    for row in loader.read_rows(data_dir, "train", tracer):
+    for row in loader.read_rows(data_dir, part, tracer):
         mri, pet, voxels = row_summaries(row, length)
         shape = np.asarray(row["pet"]).shape
         mri_parts.append(mri)
@@ -148,10 +150,12 @@ def calibrated(cfg: Config, data_dir: str, manifest: dict[str, Any] | None = Non
     return calibrate(cfg, found), found
 
 
-def normalised_train_pet(data_dir: str, tracer: str, rows: int | None = None) -> Iterator[torch.Tensor]:
-    """The training PET volumes `(T, d, h, w)` of a tracer (first `rows`), float64, normalised by MRI stats."""
+def normalised_train_pet(data_dir: str, tracer: str, rows: int | None = None,
+                         part: str | Part = "train") -> Iterator[torch.Tensor]:
+    """The training PET volumes `(T, d, h, w)` of a tracer (first `rows`; of the training split or another Part),
+    float64, normalised by MRI stats."""
     count = 0
-    for row in itertools.islice(loader.read_rows(data_dir, "train", tracer), rows):
+    for row in itertools.islice(loader.read_rows(data_dir, part, tracer), rows):
         pet = torch.from_numpy(np.array(row["pet"], dtype=np.float64))[None]
         yield normalise_pet(pet, torch.tensor([row["mri_mean"]]), torch.tensor([row["mri_std"]]))[0]
         count += 1
@@ -159,7 +163,7 @@ def normalised_train_pet(data_dir: str, tracer: str, rows: int | None = None) ->
         raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
 
 
-def token_health(cfg: Config, data_dir: str, split: str = "val") -> dict[str, float]:
+def token_health(cfg: Config, data_dir: str, split: str | Part = "val") -> dict[str, float]:
     """Token health of a split's real summaries under the run's (calibrated) token space, as MLflow metrics.
 
     `token_{mri,pet}_collide_or_clip`: share of summary values whose ids collide (paper scheme) or clip

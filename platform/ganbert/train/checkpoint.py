@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from ganbert import config as config_mod
 from ganbert.config import Config
-from ganbert.model_files import CONFIG_FILE, GENERATOR_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE, network_file
+from ganbert.model_files import CONFIG_FILE, GENERATOR_FILE, OPTIM_FILE, STATE_FILE, network_file
 from ganbert.models import Networks, build_generator
 from ganbert.train.step import Optimisers, unwrap
 
@@ -54,28 +52,6 @@ def _join_optimiser(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Torch (CPU, CUDA) RNG states as tensors; NumPy and Python states as JSON lists."""
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    py = random.getstate()
-    return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": [py[0], list(py[1]), py[2]]}
-
-
-def set_rng_state(tensors: dict[str, torch.Tensor], lists: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    kind, keys, pos, has_gauss, gauss = lists["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    version, state, gauss_py = lists["python"]
-    random.setstate((version, tuple(state), gauss_py))
-
-
 def save_model_dir(path: Path, cfg: Config, generator: nn.Module) -> Path:
     """`generator.safetensors` + `config.yaml`: what `ganbert synthesize` and the MLflow model load."""
     path = Path(path)
@@ -100,24 +76,27 @@ def load_generator(path: Path, device: torch.device | str = "cpu") -> tuple[nn.M
 
 
 def save_state(path: Path, cfg: Config, nets: Networks, opt: Optimisers, meta: dict[str, Any]) -> Path:
-    """A whole training state in `path` (atomic): every network, optimiser and scheduler, RNG, config, meta."""
+    """A whole training state in `path` (atomic): every network, optimiser and scheduler, config, meta.
+
+    No RNG state: the loop reseeds every epoch from (run.seed, epoch, rank) and checkpoints only at an epoch's
+    end, so the state at a checkpoint fixes everything that follows (train/loop.py `train_loop_per_worker`).
+    """
     path = Path(path)
     tmp = _atomic_dir(path)
     for name, module in nets.named().items():
         save_model(unwrap(module), str(tmp / network_file(name)))
     tensors, tree = _split_optimiser(opt.state_dict())
     save_file(tensors, str(tmp / OPTIM_FILE))
-    rng_tensors, rng_lists = rng_state()
-    save_file(rng_tensors, str(tmp / RNG_FILE))
-    (tmp / STATE_FILE).write_text(json.dumps({"meta": meta, "optim": tree, "rng": rng_lists}))
+    (tmp / STATE_FILE).write_text(json.dumps({"meta": meta, "optim": tree}))
     config_mod.save(cfg, tmp / CONFIG_FILE)
     shutil.rmtree(path, ignore_errors=True)
     tmp.replace(path)
     return path
 
 
-def load_state(path: Path, nets: Networks, opt: Optimisers, restore_rng: bool = True) -> dict[str, Any]:
-    """Load what `save_state` wrote into `nets` and `opt`; return its meta dict.
+def load_state(path: Path, nets: Networks, opt: Optimisers) -> dict[str, Any]:
+    """Load what `save_state` wrote into `nets` and `opt`; return its meta dict (an RNG state that checkpoints
+    of earlier versions hold is not read).
 
     Tensors are read on the CPU and copied into the networks' parameters wherever they live; the optimisers
     cast their state to their parameters' device, so build `opt` over the networks already on their device.
@@ -129,6 +108,4 @@ def load_state(path: Path, nets: Networks, opt: Optimisers, restore_rng: bool = 
         load_model(unwrap(module), str(path / network_file(name)), device="cpu")  # copied onto the params' device
     state = json.loads((path / STATE_FILE).read_text())
     opt.load_state_dict(_join_optimiser(state["optim"], load_file(str(path / OPTIM_FILE))))
-    if restore_rng:
-        set_rng_state(load_file(str(path / RNG_FILE)), state["rng"])
     return state["meta"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -24,7 +25,9 @@ import torch
 
 from ganbert import home
 from ganbert.config import Config, from_dict
-from ganbert.data import loader, stats
+from ganbert.data import folds, loader, stats
+from ganbert.data.folds import Fold
+from ganbert.data.part import Part
 from ganbert.evaluate import validate
 from ganbert.model_card import write_model_card
 from ganbert.model_files import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
@@ -36,6 +39,11 @@ from ganbert.train.device import place_networks
 from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch, unwrap
 
 FAULT_ENV = "GANBERT_FAULT_AT"  # "epoch:step:rank:marker-file": SIGKILL that worker once (failure tests)
+STOP_ENV = "GANBERT_STOP_AFTER_EPOCH"  # "N": stop cleanly after epoch N (checkpointed); rerunning continues at N + 1
+# Train V2's controller takes one report per worker per poll, every 2 s by default, and a worker's next report waits
+# for the last to be taken: epochs shorter than the interval would each last it. The driver's value reaches the
+# controller (Train propagates it); a value the user exported wins.
+POLL_ENV, POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"
 
 
 @dataclass
@@ -48,6 +56,7 @@ class TrainResult:
     model_uri: str | None
     run_id: str | None
     model_dir: str | None
+    seconds: dict[str, float]  # driver wall time: inputs (manifest, trainer), train (TorchTrainer.fit), publish
 
 
 def steps_per_epoch(cfg: Config, train_rows: int) -> int:
@@ -60,17 +69,56 @@ def steps_per_epoch(cfg: Config, train_rows: int) -> int:
     return steps
 
 
-def _micro_batches(cfg: Config, data_dir: str, epoch: int, device: torch.device) -> Iterator[list[Batch]]:
-    """Groups of `accumulation` normalised micro-batches: this worker's part of the epoch's seeded permutation."""
+def _micro_batches(cfg: Config, data_dir: str, epoch: int, device: torch.device,
+                   rows: loader.SplitRows | None, train: str | Part = "train") -> Iterator[list[Batch]]:
+    """Groups of `accumulation` normalised micro-batches: this worker's part of the epoch's seeded permutation of
+    the training rows (the split, or a fold's training subjects), from `rows` held in memory when given, else read
+    through Ray Data (the same rows in the same order)."""
     ctx = ray.train.get_context()
-    ds = loader.epoch_dataset(data_dir, "train", cfg.geometry.tracer, cfg.run.seed, epoch, ctx.get_world_rank(),
-                              ctx.get_world_size())
+    rank, world, size = ctx.get_world_rank(), ctx.get_world_size(), cfg.optim.batch_size
+    if rows is not None:
+        raws = rows.batches(loader.epoch_positions(rows.positions, cfg.run.seed, epoch, rank, world), size,
+                            drop_last=True)
+    else:
+        ds = loader.epoch_dataset(data_dir, train, cfg.geometry.tracer, cfg.run.seed, epoch, rank, world)
+        raws = loader.torch_batches(ds, size, drop_last=True)
     group: list[Batch] = []
-    for raw in loader.torch_batches(ds, cfg.optim.batch_size, drop_last=True):
+    for raw in raws:
         group.append(to_batch(raw, device))
         if len(group) == cfg.optim.accumulation:
             yield group
             group = []
+
+
+def validates(cfg: Config, epoch: int, last: int) -> bool:
+    """Whether `epoch` is validated: every `run.validate_every`-th epoch, and `last` (the session's last)."""
+    return (epoch + 1) % cfg.run.validate_every == 0 or epoch == last
+
+
+def best_after(val_psnr: float, best: float | None) -> float | None:
+    """The best val PSNR so far once an epoch scored `val_psnr` (None before any finite score; NaN never counts)."""
+    return float(val_psnr) if math.isfinite(val_psnr) and (best is None or val_psnr > best) else best
+
+
+def keeps(cfg: Config, epoch: int, last: int, val_psnr: float, best: float | None) -> bool:
+    """Whether a validated epoch is checkpointed: every `run.checkpoint_every`-th epoch, `last`, and every epoch
+    whose val PSNR beats `best` (the best so far), so the best validated epoch always has its checkpoint."""
+    return (epoch + 1) % cfg.run.checkpoint_every == 0 or epoch == last or best_after(val_psnr, best) != best
+
+
+def last_epoch(cfg: Config, stop_after: int | None) -> int:
+    """The last epoch this session trains: the run's last, or `stop_after` ($GANBERT_STOP_AFTER_EPOCH) if earlier."""
+    return cfg.optim.epochs - 1 if stop_after is None else min(cfg.optim.epochs - 1, stop_after)
+
+
+def stop_after_epoch() -> int | None:
+    """$GANBERT_STOP_AFTER_EPOCH as an epoch index, or None when unset; ValueError naming it otherwise."""
+    value = os.environ.get(STOP_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"${STOP_ENV} must be an epoch index (an integer >= 0), got {value!r}")
+    return int(value)
 
 
 def _maybe_fault(spec: str | None, epoch: int, step: int, rank: int) -> None:
@@ -84,8 +132,7 @@ def _maybe_fault(spec: str | None, epoch: int, step: int, rank: int) -> None:
 
 
 def training_state(cfg: Config, device: torch.device, total_steps: int, checkpoint_dir: Path | None,
-                   pet_stats: tuple[np.ndarray | float, float], restore_rng: bool = True
-                   ) -> tuple[Networks, Optimisers, dict[str, Any]]:
+                   pet_stats: tuple[np.ndarray | float, float]) -> tuple[Networks, Optimisers, dict[str, Any]]:
     """Networks on `device`, then their optimisers, then the checkpoint (if any) loaded into both.
 
     The networks are placed first so every optimiser state tensor lands on its parameter's device (a state
@@ -98,7 +145,7 @@ def training_state(cfg: Config, device: torch.device, total_steps: int, checkpoi
     opt = make_optimisers(nets, cfg, total_steps)
     meta: dict[str, Any] = {"epoch": -1, "step": 0, "mlflow_run_id": None}
     if checkpoint_dir is not None:
-        meta = load_state(checkpoint_dir, nets, opt, restore_rng=restore_rng)
+        meta = load_state(checkpoint_dir, nets, opt)
     return nets, opt, meta
 
 
@@ -110,9 +157,22 @@ def _quiet_train_reports() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+def parts(fold: Fold | None) -> tuple[str | Part, str | Part]:
+    """(training rows, validation rows): the shards' train and val splits, or a fold's training and validation
+    subjects."""
+    return (fold.part("train"), fold.part("val")) if fold is not None else ("train", "val")
+
+
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: resume if a checkpoint exists, then epochs of GAN steps."""
+    """Runs on every Ray Train worker: resume if a checkpoint exists, then epochs of GAN steps.
+
+    Resume is exact without saving any RNG state: every epoch reseeds Python, NumPy and torch from
+    (run.seed, epoch, rank) before its first step and reads the seeded permutation of (run.seed, epoch), and a
+    checkpoint holds every network, optimiser and scheduler state at an epoch's end.
+    """
+    entered = time.perf_counter()
     cfg = from_dict(loop_cfg["config"])
+    train_part, val_part = parts(Fold.from_dict(loop_cfg["fold"]) if loop_cfg.get("fold") else None)
     _quiet_train_reports()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -120,12 +180,11 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if cfg.run.threads_per_worker:
         torch.set_num_threads(cfg.run.threads_per_worker)
     seed_everything(cfg.run.seed, rank)
-    per_epoch = loop_cfg["steps_per_epoch"]
+    total = loop_cfg["steps_per_epoch"] * cfg.optim.epochs
     checkpoint = ray.train.get_checkpoint()
-    total = per_epoch * cfg.optim.epochs
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            nets, opt, meta = training_state(cfg, device, total, Path(d), loop_cfg["pet_stats"], rank == 0)
+            nets, opt, meta = training_state(cfg, device, total, Path(d), loop_cfg["pet_stats"])
     else:
         nets, opt, meta = training_state(cfg, device, total, None, loop_cfg["pet_stats"])
     for name, module in nets.named().items():
@@ -136,38 +195,92 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if meta["epoch"] < 0:
         tracker.log_params(cfg.flat())
         tracker.log_metrics(loop_cfg["token_health"], step=0)
-    step = meta["step"]
-    for epoch in range(meta["epoch"] + 1, cfg.optim.epochs):
-        seed_everything(cfg.run.seed + 1000 * (epoch + 1), rank)
-        started, sums, k = time.perf_counter(), {}, 0
-        for k, group in enumerate(_micro_batches(cfg, loop_cfg["data_dir"], epoch, device)):
-            if k >= per_epoch:
-                continue  # drain the shard so every worker finishes the epoch together
-            _maybe_fault(loop_cfg.get("fault"), epoch, k, rank)
-            for key, value in gan_step(group, nets, opt, cfg).items():
-                sums[key] = value if key == "lr" else sums.get(key, 0.0) + value  # lr: the latest
-            step += 1
-            if rank == 0 and cfg.run.log_every and step % cfg.run.log_every == 0:
-                print(f"[train] epoch {epoch} step {step} " + " ".join(f"{a}={b:.4f}" for a, b in
-                      sorted(group_losses(sums, k + 1).items())), flush=True)
-        report: dict[str, Any] = {f"train_{a}": b for a, b in group_losses(sums, min(k + 1, per_epoch)).items()}
-        report.update(epoch=epoch, step=step, epoch_seconds=time.perf_counter() - started)
+    rows = loader.SplitRows(loop_cfg["data_dir"], train_part, cfg.geometry.tracer) if loop_cfg["in_memory"] else None
+    step, best, last = meta["step"], meta.get("best_val_psnr"), last_epoch(cfg, loop_cfg.get("stop_after"))
+    setup, reporting = {"setup_seconds": time.perf_counter() - entered}, 0.0  # setup: with the first epoch
+    for epoch in range(meta["epoch"] + 1, last + 1):
+        report, step = train_epoch(cfg, loop_cfg, nets, opt, epoch, step, device, rank, rows, train_part)
+        report.update(setup)
+        setup = {}
+        if not validates(cfg, epoch, last):  # no Ray Train report: Tune and the checkpoint ranking see validated epochs
+            tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                figures = Path(tmp) / "figures"
-                # the plain module: a DDP forward would sync buffers with ranks that are not validating
-                report.update(validate(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures))
-                meta = {"epoch": epoch, "step": step, "mlflow_run_id": tracker.run_id, "val_psnr": report["val_psnr"]}
-                save_state(Path(tmp) / "state", cfg, nets, opt, meta)
-                tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
-                for png in sorted(figures.glob("*.png")):
-                    tracker.log_artifact(png, f"figures/epoch_{epoch:04d}")
-                print(f"[val] epoch {epoch}: " + " ".join(f"{a}={float(b):.4f}" for a, b in sorted(report.items())
-                                                         if a.startswith("val_")), flush=True)
-                ckpt = ray.train.Checkpoint.from_directory(str(Path(tmp) / "state"))
+            ckpt, best = end_validated_epoch(cfg, loop_cfg, nets, opt, tracker, report, device, rank, last, best,
+                                             Path(tmp), val_part)
+            began = time.perf_counter()
             ray.train.report(report, checkpoint=ckpt)
-    tracker.finish()  # the driver logs the best epoch's generator as the run's model (publish_best)
+            reporting += time.perf_counter() - began
+    # this attempt's time in ray.train.report (hand-off, checkpoint upload) and in this function, for bench overhead
+    tracker.log_metrics({"report_seconds": reporting, "loop_seconds": time.perf_counter() - entered}, step=last)
+    if last < cfg.optim.epochs - 1 and rank == 0:
+        print(f"[train] stopped after epoch {last} of {cfg.optim.epochs} (${STOP_ENV}); rerun the same command "
+              "to continue", flush=True)
+    # the driver logs the best epoch's generator as the run's model (publish_best)
+    tracker.finish("FINISHED" if last == cfg.optim.epochs - 1 else "KILLED")
+
+
+def train_epoch(cfg: Config, loop_cfg: dict[str, Any], nets: Networks, opt: Optimisers, epoch: int, step: int,
+                device: torch.device, rank: int, rows: loader.SplitRows | None,
+                train: str | Part = "train") -> tuple[dict[str, Any], int]:
+    """One epoch of GAN steps on this worker: (the epoch's report so far, the step count after it).
+
+    The report holds the mean training losses (`train_*`), `epoch`, `step`, `epoch_seconds` (the whole training
+    pass: data loading and steps) and `step_seconds` (the time spent inside `gan_step` alone).
+    """
+    per_epoch = loop_cfg["steps_per_epoch"]
+    seed_everything(cfg.run.seed + 1000 * (epoch + 1), rank)
+    started, sums, k, in_steps = time.perf_counter(), {}, 0, 0.0
+    for k, group in enumerate(_micro_batches(cfg, loop_cfg["data_dir"], epoch, device, rows, train)):
+        if k >= per_epoch:
+            continue  # drain the shard so every worker finishes the epoch together
+        _maybe_fault(loop_cfg.get("fault"), epoch, k, rank)
+        began = time.perf_counter()
+        losses = gan_step(group, nets, opt, cfg)
+        in_steps += time.perf_counter() - began
+        for key, value in losses.items():
+            sums[key] = value if key == "lr" else sums.get(key, 0.0) + value  # lr: the latest
+        step += 1
+        if rank == 0 and cfg.run.log_every and step % cfg.run.log_every == 0:
+            print(f"[train] epoch {epoch} step {step} " + " ".join(f"{a}={b:.4f}" for a, b in
+                  sorted(group_losses(sums, k + 1).items())), flush=True)
+    report: dict[str, Any] = {f"train_{a}": b for a, b in group_losses(sums, min(k + 1, per_epoch)).items()}
+    report.update(epoch=epoch, step=step, epoch_seconds=time.perf_counter() - started, step_seconds=in_steps)
+    return report, step
+
+
+def end_validated_epoch(cfg: Config, loop_cfg: dict[str, Any], nets: Networks, opt: Optimisers, tracker: Tracker,
+                        report: dict[str, Any], device: torch.device, rank: int, last: int, best: float | None,
+                        tmp: Path, val: str | Part = "val") -> tuple[ray.train.Checkpoint | None, float | None]:
+    """On rank 0: validate the epoch into `report`, checkpoint it under `tmp` if `keeps` says so, log it (timed:
+    `validate_seconds`, `checkpoint_seconds`, `log_seconds` for the figures' upload).
+
+    Returns (the checkpoint to report or None, the best val PSNR so far, which each checkpoint records); other
+    ranks return (None, `best`) at once.
+    """
+    if rank != 0:
+        return None, best
+    epoch, ckpt = report["epoch"], None
+    figures = tmp / "figures"
+    began = time.perf_counter()
+    # the plain module: a DDP forward would sync buffers with ranks that are not validating
+    report.update(validate(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures, val))
+    saving = time.perf_counter()
+    keep = keeps(cfg, epoch, last, report["val_psnr"], best)
+    best = best_after(report["val_psnr"], best)
+    if keep:
+        meta = {"epoch": epoch, "step": report["step"], "mlflow_run_id": tracker.run_id,
+                "val_psnr": report["val_psnr"], "best_val_psnr": best}
+        ckpt = ray.train.Checkpoint.from_directory(str(save_state(tmp / "state", cfg, nets, opt, meta)))
+    logging_ = time.perf_counter()
+    for png in sorted(figures.glob("*.png")):
+        tracker.log_artifact(png, f"figures/epoch_{epoch:04d}")
+    report.update(validate_seconds=saving - began, checkpoint_seconds=logging_ - saving,
+                  log_seconds=time.perf_counter() - logging_)
+    tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
+    print(f"[val] epoch {epoch}: " + " ".join(f"{a}={float(b):.4f}" for a, b in sorted(report.items())
+                                             if a.startswith("val_")), flush=True)
+    return ckpt, best
 
 
 def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
@@ -176,29 +289,40 @@ def group_losses(sums: dict[str, float], count: int) -> dict[str, float]:
 
 
 def loop_config(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
-                tags: dict[str, str] | None = None) -> tuple[Config, dict[str, Any]]:
+                tags: dict[str, str] | None = None, fold: Fold | None = None) -> tuple[Config, dict[str, Any]]:
     """(the run config with its token space calibrated, the workers' `train_loop_config`) of one run.
 
     The shards' manifest is read once: it fails early on a wrong geometry or a missing split, and gives the
     training statistics (`stats.for_run`: token calibration, PET level and mean volume; computed in one logged
     pass over the training rows only for shards that lack them) and the training row count. The val split's
-    token health reads its rows once (its summaries are not recorded at preprocessing).
+    token health reads its rows once (its summaries are not recorded at preprocessing). With a `fold`, the run
+    trains on the fold's training subjects, chooses its checkpoint on the fold's validation subjects, and uses the
+    fold's own statistics (`folds.fold_stats`, from its training subjects only).
     """
     tracer = cfg.geometry.tracer
-    manifest = loader.checked_manifest(data_dir, ("train", "val"), tracer, cfg.geometry)
-    cfg, found = stats.calibrated(cfg, data_dir, manifest)
+    train_part, val_part = parts(fold)
+    manifest = loader.checked_manifest(data_dir, (train_part, val_part), tracer, cfg.geometry)
+    found = (folds.fold_stats(data_dir, fold, tracer, cfg.sequence.length) if fold is not None
+             else stats.for_run(data_dir, tracer, cfg.sequence.length, manifest))
+    cfg = stats.calibrate(cfg, found)
     return cfg, {"config": cfg.to_dict(), "data_dir": home.resolve(data_dir), "tracking_uri": tracking_uri,
-                 "steps_per_epoch": steps_per_epoch(cfg, loader.rows_in(manifest, "train", tracer)),
+                 "steps_per_epoch": steps_per_epoch(cfg, loader.rows_in(manifest, train_part, tracer)),
                  "pet_stats": (found["pet_mean_volume"], found["pet_std"]),
-                 "token_health": stats.token_health(cfg, data_dir),
-                 "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV)}
+                 "token_health": stats.token_health(cfg, data_dir, val_part),
+                 "fold": fold.to_dict() if fold is not None else None,
+                 "in_memory": loader.fits_in_memory(manifest, train_part, tracer, cfg.geometry, cfg.run.in_memory_mb),
+                 "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV),
+                 "stop_after": stop_after_epoch()}
 
 
 def trainer_for(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: str | None = None,
-                tags: dict[str, str] | None = None, callbacks: list[Any] | None = None) -> ray.train.torch.TorchTrainer:
-    """The `TorchTrainer` of one run: datasets from the shards, best-by-val-PSNR checkpoints, retries."""
-    cfg, loop_cfg = loop_config(cfg, data_dir, tracking_uri, parent_run_id, tags)
+                tags: dict[str, str] | None = None, callbacks: list[Any] | None = None,
+                fold: Fold | None = None) -> ray.train.torch.TorchTrainer:
+    """The `TorchTrainer` of one run (of a fold, when given): rows from the shards, best-by-val-PSNR checkpoints,
+    retries."""
+    cfg, loop_cfg = loop_config(cfg, data_dir, tracking_uri, parent_run_id, tags, fold)
     storage = home.resolve(cfg.run.storage)
+    os.environ.setdefault(POLL_ENV, POLL_SECONDS)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
@@ -249,19 +373,26 @@ def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainRe
     The run's MLflow run ends FINISHED, or FAILED (training failed for good) or KILLED (interrupted) here, on the
     driver, even when the worker that logged it died.
     """
+    began = time.perf_counter()
     try:
-        result = trainer_for(cfg, data_dir, tracking_uri, **kwargs).fit()
+        trainer = trainer_for(cfg, data_dir, tracking_uri, **kwargs)
+        training = time.perf_counter()
+        result = trainer.fit()
     except KeyboardInterrupt:
         end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "KILLED")
         raise
     except Exception:
         end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "FAILED")
         raise
+    publishing = time.perf_counter()
     best = result.get_best_checkpoint(metric="val_psnr", mode="max")
     model_dir, uri, run_id = publish_best(cfg, best, tracking_uri, data_dir) if best is not None else (None, None, None)
+    if int((result.metrics or {}).get("epoch", cfg.optim.epochs - 1)) < cfg.optim.epochs - 1:  # $GANBERT_STOP_AFTER_EPOCH
+        end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "KILLED", replace=("FINISHED",))
+    seconds = {"inputs": training - began, "train": publishing - training, "publish": time.perf_counter() - publishing}
     return TrainResult(metrics=dict(result.metrics or {}), checkpoint=result.checkpoint.path if result.checkpoint else None,
                        best_checkpoint=best.path if best is not None else None, model_uri=uri, run_id=run_id,
-                       model_dir=model_dir)
+                       model_dir=model_dir, seconds=seconds)
 
 
 def data_dir_for(cfg: Config, data: str | None) -> str:

@@ -144,8 +144,9 @@ def _cat(a: Sequence, b: Sequence) -> Sequence:
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on `device` when `optim.amp` is on: the same code path on CUDA and CPU (where the tests run it)."""
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

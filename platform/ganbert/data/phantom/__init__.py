@@ -6,7 +6,8 @@ space, DICOM); `ganbert phantom --out DIR` runs `layout.main`.
 
 from ganbert.data.phantom.anatomy import LABEL, REGIONS, SIZES, make_subject
 from ganbert.data.phantom.layout import DICOM_IDENTITY, FORMATS, HEADER_TEXT, PET_SPACES, STANDARD_GRIDS, main, write_cohort
+from ganbert.data.phantom.site import SITES, Site
 from ganbert.data.phantom.uptake import REFERENCE
 
-__all__ = ["DICOM_IDENTITY", "FORMATS", "HEADER_TEXT", "LABEL", "PET_SPACES", "REFERENCE", "REGIONS", "SIZES",
-           "STANDARD_GRIDS", "main", "make_subject", "write_cohort"]
+__all__ = ["DICOM_IDENTITY", "FORMATS", "HEADER_TEXT", "LABEL", "PET_SPACES", "REFERENCE", "REGIONS", "SITES", "SIZES",
+           "STANDARD_GRIDS", "Site", "main", "make_subject", "write_cohort"]

@@ -11,9 +11,11 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
+from ganbert.data.phantom.site import SITES, Site
+
 GROUPS = ("CN", "MCI", "AD")
 T1_DESCRIPTIONS = ("Accelerated Sagittal MPRAGE", "Sagittal 3D Accelerated MPRAGE", "MPRAGE")
-SITES = (2, 3, 6, 11, 13, 18, 22, 23, 27, 31, 32, 33, 35, 36, 37, 41, 53, 67, 70, 73, 82, 94, 98, 99, 100,
+SITES_CODES = (2, 3, 6, 11, 13, 18, 22, 23, 27, 31, 32, 33, 35, 36, 37, 41, 53, 67, 70, 73, 82, 94, 98, 99, 100,
          109, 114, 116, 123, 126, 127, 128, 129, 130, 131, 135, 136, 137, 141, 153, 168, 177, 301, 305, 941)
 
 # Region labels of the ground truth (template space, then warped with each subject).
@@ -165,6 +167,7 @@ class Subject:
     follow_up: bool
     flair: bool
     t1_description: str
+    site: Site = SITES["A"]
 
 
 BRAIN_CENTRE = np.array([0.0, -17.0, 12.0])
@@ -179,8 +182,8 @@ def rotation_matrix(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def make_subject(index: int, seed: int, warp_mm: float = 3.0) -> Subject:
-    """Draw subject `index` of cohort `seed` (independent of every other subject and of the tracers chosen)."""
+def make_subject(index: int, seed: int, site: Site = SITES["A"]) -> Subject:
+    """Draw subject `index` of cohort `seed` at `site` (independent of every other subject and of the tracers)."""
     rng = np.random.default_rng([seed, index, 0])
     group = GROUPS[index % 3]
     p_amyloid = {"CN": 0.3, "MCI": 0.55, "AD": 0.9}[group]
@@ -192,21 +195,21 @@ def make_subject(index: int, seed: int, warp_mm: float = 3.0) -> Subject:
     age = float(rng.uniform(*{"CN": (62, 86), "MCI": (58, 88), "AD": (58, 90)}[group]))
     sex = "F" if rng.random() < 0.5 else "M"
     rotation = rotation_matrix(np.deg2rad(rng.uniform(-8, 8, 3)))
-    scale = rng.uniform(0.93, 1.07) * rng.uniform(0.97, 1.03, 3)
+    scale = rng.uniform(*site.head_scale) * rng.uniform(0.97, 1.03, 3)
     centre = rng.uniform(-10, 10, 3)
     lo_mm, hi_mm = np.array([-110.0, -150.0, -90.0]), np.array([110.0, 115.0, 135.0])
     shape = np.ceil((hi_mm - lo_mm) / 40.0).astype(int) + 1
-    warp = ndimage.gaussian_filter(rng.normal(0.0, warp_mm, (3, *shape)), (0, 0.6, 0.6, 0.6)) * 1.6
+    warp = ndimage.gaussian_filter(rng.normal(0.0, site.warp_mm, (3, *shape)), (0, 0.6, 0.6, 0.6)) * 1.6
     warp_affine = np.eye(4)
     warp_affine[:3, :3] = np.diag(1.0 / 40.0 * np.ones(3))
     warp_affine[:3, 3] = -lo_mm / 40.0
     baseline = dt.date(2017, 9, 1) + dt.timedelta(days=int(rng.integers(0, 4 * 365)))
     t1_description = T1_DESCRIPTIONS[int(rng.integers(0, len(T1_DESCRIPTIONS)))]
-    site = SITES[index % len(SITES)]
-    return Subject(index=index, subject=f"{site:03d}_S_{6000 + index:04d}", group=group, sex=sex, age=age,
+    code = SITES_CODES[index % len(SITES_CODES)]
+    return Subject(index=index, subject=f"{code:03d}_S_{site.subject_base + index:04d}", group=group, sex=sex, age=age,
                    amyloid_positive=amyloid, braak_stage=braak, atrophy=atrophy, rotation=rotation, scale=scale,
                    centre=centre, warp=warp.astype(np.float32), warp_affine=warp_affine, baseline=baseline,
-                   follow_up=index % 4 == 3, flair=index % 6 == 0, t1_description=t1_description)
+                   follow_up=index % 4 == 3, flair=index % 6 == 0, t1_description=t1_description, site=site)
 
 
 def grid_affine(shape: Sequence[int], zooms: Sequence[float], flips: Sequence[int], centre: np.ndarray) -> np.ndarray:
@@ -275,12 +278,12 @@ def atrophy_loss(subj: Subject, atw: np.ndarray) -> np.ndarray:
     return np.clip(3.0 * subj.atrophy * atw, 0.0, 0.8).astype(np.float32)
 
 
-def _bias(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """Smooth multiplicative bias field (X, Y, Z): exp of a random quadratic polynomial, about +-15%."""
+def _bias(shape: Sequence[int], rng: np.random.Generator, sd: float = 0.06) -> np.ndarray:
+    """Smooth multiplicative bias field (X, Y, Z): exp of a random quadratic polynomial (about +-15% at sd 0.06)."""
     axes = [np.linspace(-1, 1, len(a)) for a in _coarse_axes(shape, 8)]
     x, y, z = np.meshgrid(*axes, indexing="ij")
     terms = (x, y, z, x * x, y * y, z * z, x * y, x * z, y * z)
-    coef = rng.normal(0, 0.06, len(terms))
+    coef = rng.normal(0, sd, len(terms))
     return _upsample(np.exp(sum(c * t for c, t in zip(coef, terms))), shape)
 
 
@@ -301,8 +304,8 @@ def synth_t1(subj: Subject, anat: dict[str, np.ndarray], rng: np.random.Generato
     if flair:
         t1 = np.clip(t1 - 0.55 * anat["csf"], 0, None) + 0.2 * gm
     shape = t1.shape
-    t1 *= _bias(shape, rng) * np.float32(255.0 * rng.uniform(0.86, 0.98) / 0.9)
-    sigma = rng.uniform(2.0, 5.0)
+    t1 *= _bias(shape, rng, subj.site.t1_bias) * np.float32(255.0 * rng.uniform(*subj.site.t1_gain) / 0.9)
+    sigma = rng.uniform(*subj.site.t1_noise)
     noisy = np.sqrt((t1 + rng.normal(0, sigma, shape).astype(np.float32)) ** 2
                     + rng.normal(0, sigma, shape).astype(np.float32) ** 2)
     return np.clip(np.rint(noisy), 0, 255).astype(np.int16)

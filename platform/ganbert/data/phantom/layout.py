@@ -20,6 +20,7 @@ from ganbert.config import TRACERS
 from ganbert.data.adni import ADNI_COLUMNS as COLUMNS
 from ganbert.data.phantom.anatomy import (BRAIN_CENTRE, REGIONS, SIZES, Subject, grid_affine, make_subject,
                                          rotation_matrix, synth_t1, t1_anatomy)
+from ganbert.data.phantom.site import SITES
 from ganbert.data.phantom.uptake import BRAAK_REGIONS, REFERENCE, pet_anatomy, synth_frames, synth_suvr
 
 PET_DESCRIPTIONS = {"AV45": "AV45 Co-registered Dynamic", "AV1451": "AV1451 Co-registered Dynamic",
@@ -211,7 +212,7 @@ def write_subject(root: Path, subj: Subject, tracers: Sequence[str], size: str, 
             pet_aff = motion @ header_aff  # where the voxels really are (subject world)
             pet_anat = pet_anatomy(subj, pet_spec, pet_aff)
         truth = synth_suvr(subj, tracer, pet_anat, rng)
-        frames = synth_frames(truth, tracer, pet_spec, rng)
+        frames = synth_frames(truth, tracer, pet_spec, rng, subj.site)
         folder = _scan_dir(root, subj, desc, stamp, image_id)
         descrip = f"{HEADER_TEXT} {subj.subject}"
         files: list[str] = []
@@ -245,20 +246,21 @@ def write_subject(root: Path, subj: Subject, tracers: Sequence[str], size: str, 
     return scans, record
 
 
-def _subject_job(args: tuple[str, int, tuple[str, ...], str, int, str, str]) -> tuple[list[Scan], dict[str, Any]]:
-    """Process-pool entry: write subject `index` of cohort `seed` under `out`."""
-    out, index, tracers, size, seed, pet_space, fmt = args
-    return write_subject(Path(out), make_subject(index, seed), tracers, size, seed, pet_space, fmt)
+def _subject_job(args: tuple[str, int, tuple[str, ...], str, int, str, str, str]) -> tuple[list[Scan], dict[str, Any]]:
+    """Process-pool entry: write subject `index` of cohort `seed` at a site under `out`."""
+    out, index, tracers, size, seed, pet_space, fmt, site = args
+    return write_subject(Path(out), make_subject(index, seed, SITES[site]), tracers, size, seed, pet_space, fmt)
 
 
 def write_cohort(out: Path, subjects: int, tracers: Sequence[str], size: str, seed: int,
-                 workers: int | None = None, pet_space: str = "t1", fmt: str = "nifti") -> Path:
+                 workers: int | None = None, pet_space: str = "t1", fmt: str = "nifti", site: str = "A") -> Path:
     """Write `subjects` phantom subjects (groups CN/MCI/AD in turn) as an ADNI download under `out`; return `out`.
 
     Layout: out/ADNI/<subject>/<description>/<YYYY-MM-DD_HH_MM_SS.0>/<image id>/*.nii(.gz), the collection
     CSV out/PHANTOM_<size>_<seed>_<download date>.csv with ADNI's columns, out/ground_truth.json and
     out/truth/<subject>_regions.nii.gz. The same (seed, subject index) always gives the same subject, whichever
     tracers are written and however many `workers` processes write (default: one for tiny, else one per CPU).
+    `site` (phantom.SITES) sets the acquisition and population ranges; site B is a cohort shift from the default A.
     """
     if subjects < 1:
         raise ValueError(f"subjects must be >= 1, got {subjects}")
@@ -276,11 +278,13 @@ def write_cohort(out: Path, subjects: int, tracers: Sequence[str], size: str, se
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if site not in SITES:
+        raise ValueError(f"site must be one of {sorted(SITES)}, got {site!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if workers is None:
         workers = 1 if size == "tiny" else min(subjects, os.cpu_count() or 1)
-    jobs = [(str(out), index, tuple(tracers), size, seed, pet_space, fmt) for index in range(subjects)]
+    jobs = [(str(out), index, tuple(tracers), size, seed, pet_space, fmt, site) for index in range(subjects)]
     if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -293,16 +297,18 @@ def write_cohort(out: Path, subjects: int, tracers: Sequence[str], size: str, se
     rows: list[list[str]] = []
     truth: dict[str, Any] = {}
     for index, (scans, record) in enumerate(results):
-        subj = make_subject(index, seed)
+        subj = make_subject(index, seed, SITES[site])
         truth[subj.subject] = record
         for scan in scans:
             age = subj.age + (scan.date - subj.baseline).days / 365.25
             rows.append([scan.image_id, subj.subject, subj.group, subj.sex, f"{age:.0f}", scan.visit, scan.modality,
                          scan.description, "Original" if scan.modality == "MRI" else "Pre-processed",
                          _acq_date(scan.date), "DCM" if fmt == "dicom" else "NiFTI", _acq_date(DOWNLOADED)])
-    csv_path = out / f"PHANTOM_{size}_{seed}_{DOWNLOADED.month}_{DOWNLOADED.day:02d}_{DOWNLOADED.year}.csv"
+    tag = f"{size}_{seed}" if site == "A" else f"{size}_{seed}_site{site}"
+    csv_path = out / f"PHANTOM_{tag}_{DOWNLOADED.month}_{DOWNLOADED.day:02d}_{DOWNLOADED.year}.csv"
     write_csv(csv_path, COLUMNS, rows, quoting=csv.QUOTE_ALL)
     meta = {"generator": "ganbert.data.phantom", "size": size, "seed": seed, "subjects": subjects, "pet_space": pet_space, "format": fmt,
+            **({} if site == "A" else {"site": dataclasses.asdict(SITES[site])}),
             "tracers": tracers, "regions": {str(k): v for k, v in REGIONS.items()},
             "reference_regions": {t: list(REFERENCE[t]) for t in tracers},
             "units": "regional SUVR: mean of the noise-free, unblurred SUVR image in each region of the PET grid",
@@ -314,8 +320,10 @@ def write_cohort(out: Path, subjects: int, tracers: Sequence[str], size: str, se
 def main(args: argparse.Namespace) -> int:
     """CLI: `ganbert phantom --out DIR --subjects N --tracers AV45,AV1451,FDG --size tiny --seed S`."""
     tracers = [t.strip() for t in str(args.tracers).split(",") if t.strip()]
+    site = str(getattr(args, "site", "A"))
     out = write_cohort(Path(args.out), int(args.subjects), tracers, str(args.size), int(args.seed),
-                       pet_space=str(getattr(args, "pet_space", "t1")), fmt=str(getattr(args, "format", "nifti")))
+                       pet_space=str(getattr(args, "pet_space", "t1")), fmt=str(getattr(args, "format", "nifti")),
+                       site=site)
     print(f"phantom cohort: {args.subjects} subjects, tracers {','.join(tracers)}, size {args.size}, "
-          f"seed {args.seed} -> {out}")
+          f"seed {args.seed}, site {site} -> {out}")
     return 0

@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from ganbert.config import TRACERS
 from ganbert.data.phantom.anatomy import LABEL, REGIONS, SizeSpec, Subject, atrophy_loss, sample_at, template, template_coords
+from ganbert.data.phantom.site import SITES, Site
 
 FRAMES = {"AV45": 4, "AV1451": 6, "FDG": 6}  # ADNI3: AV45 4x5 min, AV1451 6x5 min, FDG 6x5 min
 REFERENCE = {"AV45": ("cerebellum_gm", "cerebellum_wm"), "AV1451": ("cerebellum_gm",), "FDG": ("pons",)}
@@ -22,10 +23,10 @@ def suvr_params(subj: Subject, tracer: str, rng: np.random.Generator) -> tuple[d
                 "subcortical_gm")
     if tracer == "AV45":
         gm = dict.fromkeys(gm_names, 1.05) | {"cerebellum_gm": 0.9, "pons": 1.6, "subcortical_gm": 1.15}
-        wm = {"cerebral_wm": rng.uniform(1.55, 1.8), "cerebellum_wm": 1.3}
+        wm = {"cerebral_wm": rng.uniform(*subj.site.wm_suvr), "cerebellum_wm": 1.3}
         csf = 0.35
         if subj.amyloid_positive:
-            load = rng.uniform(0.45, 0.7) + (0.25 if subj.group == "AD" else 0.0)
+            load = rng.uniform(*subj.site.amyloid_load) + (0.25 if subj.group == "AD" else 0.0)
             for name, w in {"temporoparietal": 1.0, "neocortex": 0.85, "inferior_temporal": 0.7,
                             "medial_temporal": 0.25, "subcortical_gm": 0.5}.items():
                 gm[name] += load * w * rng.uniform(0.9, 1.1)
@@ -95,16 +96,18 @@ def synth_suvr(subj: Subject, tracer: str, anat: dict[str, np.ndarray], rng: np.
     return PetTruth(suvr=suvr, labels=labels, regional=regional)
 
 
-def synth_frames(truth: PetTruth, tracer: str, spec: SizeSpec, rng: np.random.Generator) -> np.ndarray:
-    """Raw multi-frame PET (X, Y, Z, F) float32: PSF blur, per-scan scanner scale, correlated noise per frame."""
-    fwhm = rng.uniform(6.0, 8.0)
+def synth_frames(truth: PetTruth, tracer: str, spec: SizeSpec, rng: np.random.Generator,
+                 site: Site = SITES["A"]) -> np.ndarray:
+    """Raw multi-frame PET (X, Y, Z, F) float32: PSF blur, per-scan scanner scale, correlated noise per frame
+    (ranges of the `site`)."""
+    fwhm = rng.uniform(*site.pet_fwhm_mm)
     sigma = [fwhm / 2.3548 / z for z in spec.pet_zooms]
     blurred = ndimage.gaussian_filter(truth.suvr, sigma)
-    scale = rng.uniform(550.0, 950.0) / float(np.percentile(blurred, 99.99))
+    scale = rng.uniform(*site.pet_scale) / float(np.percentile(blurred, 99.99))
     signal = blurred * scale
     frames = FRAMES[tracer]
     drift = rng.uniform(-0.06, 0.06)
-    sigma0 = rng.uniform(12.0, 20.0)
+    sigma0 = rng.uniform(*site.pet_noise)
     out = np.empty((*spec.pet_shape, frames), dtype=np.float32)
     white = rng.standard_normal((frames, *spec.pet_shape), dtype=np.float32)
     for k in range(frames):
