@@ -150,7 +150,7 @@ def _header_failures(scores: dict[str, Any], limits: Thresholds) -> list[str]:
     fov = scores["fov_mm"]
     if min(fov) < lo:
         out.append(f"field of view: {min(fov):.0f} mm along voxel axis {int(np.argmin(fov))} < {lo:g} mm "
-                   f"(field of view {_mm(fov)}: a slab or a 2D image, not a head)")
+                   f"(field of view {_mm(fov)}: a slab, a 2D image or a cropped head)")
     elif max(fov) > hi:
         out.append(f"field of view: {max(fov):.0f} mm along voxel axis {int(np.argmax(fov))} > {hi:g} mm "
                    f"(field of view {_mm(fov)}: not a head image, or a wrong voxel size in the header)")

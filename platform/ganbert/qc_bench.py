@@ -167,8 +167,33 @@ def _score(s: dict[str, object], key: str) -> str:
     return f"{v:.2f}" if isinstance(v, float) and np.isfinite(v) else "–"
 
 
+def _grouped(outcomes: list[Outcome]) -> list[Outcome]:
+    """Wheel files that could not even be read: one row per package and reason (names joined); other rows as is."""
+    out: list[Outcome | tuple[str, str]] = []
+    groups: dict[tuple[str, str], list[Outcome]] = {}
+    for o in outcomes:
+        if o.case.expect == WHEEL and o.why.startswith("unreadable"):
+            key = (o.case.name.split(": ", 1)[0], o.why)
+            if key not in groups:
+                groups[key] = []
+                out.append(key)
+            groups[key].append(o)
+        else:
+            out.append(o)
+
+    def merged(key: tuple[str, str]) -> Outcome:
+        members = groups[key]
+        names = ", ".join(m.case.name.split(": ", 1)[-1] for m in members)
+        return Outcome(Case(f"{key[0]}: {names}", WHEEL, members[0].case.path), False, key[1], {},
+                       sum(m.seconds for m in members), sum(m.cpu_seconds for m in members))
+
+    return [merged(o) if isinstance(o, tuple) else o for o in out]
+
+
 def table(outcomes: list[Outcome]) -> list[str]:
-    """Markdown rows: input, expected, verdict, failed checks, the image scores, seconds."""
+    """Markdown rows: input, expected, verdict, failed checks, the image scores, seconds (unreadable wheel files
+    grouped by reason)."""
+    outcomes = _grouped(outcomes)
     lines = ["| input | expected | QC | failed checks | similarity | coverage | GM/WM | CSF/GM | scalp/WM | s | CPU s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for o in outcomes:

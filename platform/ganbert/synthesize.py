@@ -233,7 +233,7 @@ def synthesize_batch(members: Members, batch: Sequence[Prepared]) -> list[Synthe
     for b, prep in enumerate(batch):
         mean, sd = ensemble.mean_and_sd(outs[:, b])
         regions = (ensemble.regional(outs[:, b], prep.labels, g.tracer) if prep.labels is not None else
-                   {"atlas": atlas.DESCRIPTION, "error": "no template registration (it failed), so no atlas"})
+                   {"atlas": atlas.DESCRIPTION, "error": "no template registration (QC stopped before or at it), so no atlas"})
         results.append(Synthesis(mean, sd, regions))
     return results
 

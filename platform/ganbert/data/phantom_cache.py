@@ -12,7 +12,7 @@ from ganbert.config import TRACERS, Config, GeometryConfig
 from ganbert.data import phantom, shards
 from ganbert.data.preprocess import run
 
-PHANTOM_VERSION = 3  # 3: preprocessed without PET-to-T1 registration (the phantom PET is written in its T1's space)
+PHANTOM_VERSION = 4  # 3: no PET-to-T1 registration (the phantom PET is in its T1 space); 4: T1 QC scores in the manifest
 
 
 def phantom_size(geometry: GeometryConfig) -> str:
