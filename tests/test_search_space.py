@@ -28,7 +28,7 @@ def _write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
 
 
 def test_shipped_files_are_the_expected_set() -> None:
-    assert sorted(p.name for p in SPACES.glob("*.yaml")) == sorted([*EXPECTED_GRID, "study.yaml"])  # study: ganbert study
+    assert sorted(p.name for p in SPACES.glob("*.yaml")) == sorted([*EXPECTED_GRID, "study.yaml", "methods.yaml"])  # ganbert study
 
 
 @pytest.mark.parametrize("preset", ["tiny", "paper"])
