@@ -103,12 +103,13 @@ def test_a_run_stopped_after_two_of_four_epochs_resumes_at_epoch_two(tmp_path: P
     monkeypatch.delenv(loop.STOP_ENV)
     rerun_at = time.time() * 1000
     second = loop.fit(split, tiny_shards, uri)
-    assert second.run_id == first.run_id == find_run(uri, "ganbert", "split")
-    assert client.get_run(second.run_id).info.status == "FINISHED"
-    history = client.get_metric_history(second.run_id, "train_l1")  # logged every epoch
-    assert sorted(m.step for m in history) == [0, 1, 2, 3]  # each epoch once: the rerun did not start over
-    assert sorted(m.step for m in history if m.timestamp >= rerun_at) == [2, 3]
-    val = {m.step: m.value for m in client.get_metric_history(second.run_id, "val_psnr")}
+    run_id = find_run(uri, "ganbert", "split")
+    history = client.get_metric_history(run_id, "train_l1")  # logged every epoch
+    assert sorted(m.step for m in history if m.timestamp >= rerun_at) == [2, 3]  # the rerun trained epochs 2-3
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]  # each epoch once, all in one MLflow run
+    assert second.run_id == first.run_id == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    val = {m.step: m.value for m in client.get_metric_history(run_id, "val_psnr")}
     whole_val = {m.step: m.value for m in client.get_metric_history(whole.run_id, "val_psnr")}
     assert sorted(val) == sorted(whole_val) == [1, 3]  # validated every 2nd epoch
     assert val == pytest.approx(whole_val, rel=1e-5)
