@@ -263,7 +263,8 @@ def test_job_api_refuses_a_job_without_the_token(cluster: Cluster) -> None:
 
 # A driver that connects to `address` with no token and runs a task if it gets in. Short GCS timeouts: a refused
 # driver gives up in seconds instead of retrying for minutes.
-INTRUDER = "import ray; ray.init(address={address!r}, log_to_driver=False); print('RAN', ray.get(ray.remote(lambda: 1).remote()))"
+INTRUDER = ("import ray; ray.init(address={address!r}, log_to_driver=False); "
+            "print('RAN', ray.get(ray.remote(lambda: 1).remote()))")
 SHORT_GCS_WAIT = {"RAY_gcs_server_port_wait_time_s": "1", "RAY_gcs_rpc_server_connect_timeout_s": "1",
                   "RAY_gcs_server_request_timeout_seconds": "2", "RAY_gcs_rpc_server_reconnect_timeout_s": "2"}
 
@@ -280,7 +281,8 @@ def test_head_refuses_drivers_without_the_token(cluster: Cluster, tmp_path: Path
     env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
     env.update(SHORT_GCS_WAIT, RAY_AUTH_MODE="disabled", HOME=str(tmp_path))  # no token anywhere it would look
     drivers = {where: subprocess.Popen([sys.executable, "-c", INTRUDER.format(address=f"{where}:{cluster.gcs_port}")],
-                                       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True)
                for where in (outward, "127.0.0.1")}
     outputs = {where: proc.communicate(timeout=180)[0] for where, proc in drivers.items()}
     for where, proc in drivers.items():

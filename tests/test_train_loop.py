@@ -1,9 +1,11 @@
 """Ray Train on a real local Ray: a 2-worker tiny run killed mid-epoch resumes to the uninterrupted result; a run
-stopped after 2 of 4 epochs and rerun trains only the last 2; the training rows held in memory are Ray Data's."""
+stopped after 2 of 4 epochs and rerun trains only the last 2; the training rows held in memory are Ray Data's; the
+local Ray listens on loopback only."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from ganbert.data import loader, shards, stats
 from ganbert.data.loader import count_rows
 from ganbert.tracking import find_run
 from ganbert.train import loop
+from ray_nodes import descendants, is_loopback, listening
 
 
 def _cfg(tmp: Path, name: str, workers: int = 2) -> config.Config:
@@ -100,12 +103,13 @@ def test_a_run_stopped_after_two_of_four_epochs_resumes_at_epoch_two(tmp_path: P
     monkeypatch.delenv(loop.STOP_ENV)
     rerun_at = time.time() * 1000
     second = loop.fit(split, tiny_shards, uri)
-    assert second.run_id == first.run_id == find_run(uri, "ganbert", "split")
-    assert client.get_run(second.run_id).info.status == "FINISHED"
-    history = client.get_metric_history(second.run_id, "train_l1")  # logged every epoch
-    assert sorted(m.step for m in history) == [0, 1, 2, 3]  # each epoch once: the rerun did not start over
-    assert sorted(m.step for m in history if m.timestamp >= rerun_at) == [2, 3]
-    val = {m.step: m.value for m in client.get_metric_history(second.run_id, "val_psnr")}
+    run_id = find_run(uri, "ganbert", "split")
+    history = client.get_metric_history(run_id, "train_l1")  # logged every epoch
+    assert sorted(m.step for m in history if m.timestamp >= rerun_at) == [2, 3]  # the rerun trained epochs 2-3
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]  # each epoch once, all in one MLflow run
+    assert second.run_id == first.run_id == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    val = {m.step: m.value for m in client.get_metric_history(run_id, "val_psnr")}
     whole_val = {m.step: m.value for m in client.get_metric_history(whole.run_id, "val_psnr")}
     assert sorted(val) == sorted(whole_val) == [1, 3]  # validated every 2nd epoch
     assert val == pytest.approx(whole_val, rel=1e-5)
@@ -212,6 +216,17 @@ def test_epoch_order_is_a_seeded_permutation_of_the_whole_split(tiny_shards: str
     big = [("shard.parquet", i) for i in range(1000)]
     first = [r for _, r in loader.epoch_positions(big, 0, 0)[:100]]
     assert max(first) - min(first) > 800
+
+
+def test_local_ray_listens_on_loopback_only(local_ray: None) -> None:
+    """Every process of the Ray that `ensure_ray` starts (GCS, raylet, agents, workers) listens on 127.0.0.1 only,
+    on a machine that has an outward address too."""
+    import ray
+
+    assert ray.get(ray.remote(num_cpus=0)(config.tiny).remote()) == config.tiny()  # a worker process is up
+    found = listening(descendants(os.getpid()))
+    assert len(found) >= 3, found  # at least the GCS, the raylet and a worker
+    assert all(is_loopback(address) for address, _, _ in found), [f for f in found if not is_loopback(f[0])]
 
 
 def test_rows_held_in_memory_batch_like_ray_data(tiny_shards: str, local_ray: None) -> None:

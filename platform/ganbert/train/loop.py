@@ -202,7 +202,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         report, step = train_epoch(cfg, loop_cfg, nets, opt, epoch, step, device, rank, rows, train_part)
         report.update(setup)
         setup = {}
-        if not validates(cfg, epoch, last):  # no Ray Train report: Tune and the checkpoint ranking see validated epochs
+        if not validates(cfg, epoch, last):  # no Ray Train report: Tune and checkpoint ranking see validated epochs
             tracker.log_metrics({a: float(b) for a, b in report.items() if a != "epoch"}, step=epoch)
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -387,7 +387,7 @@ def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainRe
     publishing = time.perf_counter()
     best = result.get_best_checkpoint(metric="val_psnr", mode="max")
     model_dir, uri, run_id = publish_best(cfg, best, tracking_uri, data_dir) if best is not None else (None, None, None)
-    if int((result.metrics or {}).get("epoch", cfg.optim.epochs - 1)) < cfg.optim.epochs - 1:  # $GANBERT_STOP_AFTER_EPOCH
+    if int((result.metrics or {}).get("epoch", cfg.optim.epochs - 1)) < cfg.optim.epochs - 1:  # stopped early
         end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "KILLED", replace=("FINISHED",))
     seconds = {"inputs": training - began, "train": publishing - training, "publish": time.perf_counter() - publishing}
     return TrainResult(metrics=dict(result.metrics or {}), checkpoint=result.checkpoint.path if result.checkpoint else None,
