@@ -183,6 +183,15 @@ def test_three_fold_tiny_study_end_to_end(tiny_shards: str, tmp_path: Path, loca
     cv_psnr = next(e for e in result["paired"] if (e["set"], e["metric"], e["row"]) == ("cv", "psnr", "mean-PET"))
     assert parent.data.metrics[f"{key}.delta"] == pytest.approx(cv_psnr["mean_diff"])
     assert {f"{key}.ci_lo", f"{key}.ci_hi"} <= set(parent.data.metrics)
+    # every fold model's card carries its row's locked-test figures (the ensemble's mean and interval)
+    l1 = next(c for c in result["cells"] if c["row"] == "L1-only U-Net")
+    test_psnr = result["summaries"]["test"]["AV45"]["L1-only U-Net"]["psnr"]
+    assert len(l1["models"]) == 3
+    for model in l1["models"]:
+        card = json.loads((Path(model.removeprefix("file://")) / "metadata.json").read_text())
+        assert card["metrics"]["split"] == "test" and card["metrics"]["n"] == len(test)
+        assert card["metrics"]["values"]["psnr"] == {"mean": test_psnr["mean"],
+                                                     "ci95": [test_psnr["ci_low"], test_psnr["ci_high"]]}
     # results are not overwritten unasked
     assert cli_main(args) == 2
 

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -240,6 +241,7 @@ class Cell:
     seed: int | None
     checkpoints: list[str | None]
     folds: list[Fold | None]
+    model_dirs: list[str] = field(default_factory=list)  # the published fold models (their cards get test metrics)
 
 
 def _members(cell: Cell, data_dir: str) -> list[nn.Module]:
@@ -561,6 +563,7 @@ def run_folds(plan: Plan, parent_id: str, say: Callable[[str], None]
                         if chosen is None:
                             raise RuntimeError(f"run {cfg.run.name}: no checkpoint to evaluate")
                         cell.checkpoints.append(str(chosen))
+                        cell.model_dirs += [fit.model_dir] if fit.model_dir else []
                         run_id = fit.run_id or ""
                         predict = generator_predictor(load_checkpoint(str(chosen)))
                     if fold is None:
@@ -601,6 +604,39 @@ def score_locked(plan: Plan, cells: list[Cell], parent_id: str, say: Callable[[s
             say(f"{cell.row.name} {cell.tracer} seed {cell.seed}: {set_name} psnr "
                 f"{_mean(found).get('psnr', float('nan')):.3f} on {len(found)} subjects ({len(cell.folds)} members)")
     return records
+
+
+def record_on_cards(plan: Plan, cells: list[Cell], summaries: dict[str, Any]) -> int:
+    """Write each row's locked-test figures (the fold ensemble's mean and bootstrap interval) into the model card
+    of every fold model it trained (paths or URIs; an MLflow model keeps the card it was logged with).
+    Returns the number of cards written."""
+    from ganbert import model_card
+
+    k = plan.folds[0].k if plan.folds[0] is not None else 1
+    written = 0
+    for cell in cells:
+        stats = summaries.get(TEST, {}).get(cell.tracer, {}).get(cell.row.name) or {}
+        values = {m: {"mean": s["mean"], "ci95": [s["ci_low"], s["ci_high"]]}
+                  for m, s in stats.items() if m in PAIRED_METRICS and s}
+        if cell.row.baseline is not None or not values:
+            continue
+        source = (f"ganbert study {plan.name}, row {cell.row.name}: the ensemble of its {k} fold models (this model "
+                  "is one of them)" if k > 1 else f"ganbert study {plan.name}, row {cell.row.name}")
+        metrics = {"split": TEST, "n": max(s["n"] for s in stats.values() if s and "n" in s), "source": source,
+                   "values": values}
+        for model_dir in cell.model_dirs:
+            if "://" not in model_dir:
+                model_card.add_metrics(model_dir, metrics)
+            else:  # a URI: the card's two files round-trip through a local copy
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = home.download_dir(model_dir, Path(tmp) / "model")
+                    cards = Path(tmp) / "cards"
+                    cards.mkdir()
+                    for path in model_card.add_metrics(local, metrics):
+                        shutil.copy2(path, cards / path.name)
+                    home.upload_dir(cards, model_dir)
+            written += 1
+    return written
 
 
 def agreement(records: list[dict[str, Any]], set_name: str, tracer: str, row: str) -> dict[str, Any]:
@@ -648,6 +684,7 @@ def run_study(plan: Plan, out: Path, say: Callable[[str], None] = print) -> dict
         cells, records, timings = run_folds(plan, str(parent.run_id), say)
         records += score_locked(plan, cells, str(parent.run_id), say)
         summaries, pairs = analyse(plan, records)
+        record_on_cards(plan, cells, summaries)
         seconds = time.perf_counter() - started
         description = (f"{k}-fold cross-validation (fold seed {plan.folds[0].seed}) over the non-test subjects, the "
                        f"locked test split scored by each row's {k}-fold ensemble" if k > 1 else
@@ -665,7 +702,8 @@ def run_study(plan: Plan, out: Path, say: Callable[[str], None] = print) -> dict
                                    for r in plan.study.rows],
                   "tracers": list(plan.study.tracers),
                   "fold_subjects": [f.to_dict() for f in plan.folds if f is not None],
-                  "cells": [{"row": c.row.name, "tracer": c.tracer, "seed": c.seed, "checkpoints": c.checkpoints}
+                  "cells": [{"row": c.row.name, "tracer": c.tracer, "seed": c.seed, "checkpoints": c.checkpoints,
+                             "models": c.model_dirs}
                             for c in cells],
                   "summaries": summaries, "subjects": records, "paired": pairs}
         md = write_text(out / "study.md", render_markdown(plan.name, plan.study, info, summaries, pairs))
