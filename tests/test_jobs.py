@@ -201,11 +201,13 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_train_tiny(cluster: Cluster) -> None:
-    """The acceptance test: `ray job submit --working-dir . -- python jobs/train.py --preset tiny` succeeds."""
+def test_ray_job_submit_train_tiny(cluster: Cluster, tiny_shards: str) -> None:
+    """The acceptance test: `ray job submit --working-dir . -- python jobs/train.py --preset tiny` succeeds (on the
+    session's shards; the README test below builds the default phantom inside a job)."""
     out_dir = cluster.root / "out"
     storage, db = out_dir / "ray", out_dir / "mlflow.db"
-    job, out = cluster.submit(["python", "jobs/train.py", "--preset", "tiny", "--tracking-uri", f"sqlite:///{db}",
+    job, out = cluster.submit(["python", "jobs/train.py", "--preset", "tiny", "--data", tiny_shards,
+                               "--tracking-uri", f"sqlite:///{db}",
                                f"run.storage={storage}", "run.name=jobtiny"], timeout=240)
     logs = cluster.logs(job)
     report = f"ray job submit rc {out.returncode}\nstderr:\n{out.stderr[-3000:]}\njob logs:\n{logs[-6000:]}"
@@ -327,7 +329,8 @@ def test_readme_job_lines_run_as_written(tmp_path: Path) -> None:
     start = (f"{lines[starts[0]]} --block --dashboard-port {dashboard} --temp-dir {root / 'ray'} {ports} "
              f"> {root / 'ray-start.log'} 2>&1 &")
     wait = (f"until python {ROOT / 'tests' / 'http_status.py'} http://127.0.0.1:{dashboard}/api/version > /dev/null; "
-            "do sleep 1; done; sleep 5")  # any HTTP answer (401 without the token): the job server is up
+            f"do sleep 1; done; until ray job list --address http://127.0.0.1:{dashboard} > /dev/null 2>&1; "
+            "do sleep 2; done")  # the job server answers, then answers a client with the token
     refused = f"python {ROOT / 'tests' / 'http_status.py'} http://127.0.0.1:{dashboard}/api/jobs/ --post"  # no token
     script = [*lines[:starts[0]], start, wait, submits[0].replace("8265", str(dashboard)), refused]
     home = root / "home"
