@@ -31,7 +31,10 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     # Workers log at WARNING: our own print() lines ([train], [val]) still reach the console, Ray Train's per-report
     # INFO dumps ("Reporting training result ...: TrainingReport(...)") and worker-group chatter do not.
     with loopback_node():
-        ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
+        # address="local": a new Ray even where `ray start` left a cluster address in Ray's temp dir (ray.init() would
+        # join that cluster, or fail on num_cpus, or hang on a head that no longer runs).
+        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                       log_to_driver=True,
                        logging_level="WARNING", logging_config=ray.LoggingConfig(log_level="WARNING"))
     if dashboard and ctx.dashboard_url:
         print(f"[ray] local Ray started; dashboard at http://{ctx.dashboard_url}", flush=True)
