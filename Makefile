@@ -22,11 +22,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ganbert demo --out runs/demo
 
-# Two workers: much of a test's wall time is Ray and subprocess start-up, not compute. Each module (and the data
-# tests sharing one cohort) stays on one worker (conftest.py); TEST_WORKERS=0 runs the suite in one process.
-TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/ganbert bench step --preset tiny

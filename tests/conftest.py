@@ -1,5 +1,4 @@
-"""Shared pytest fixtures (a real local MLflow server, the cached tiny phantom, a local Ray) and the grouping of tests
-on `pytest -n N --dist loadgroup` workers (`make test`)."""
+"""Shared pytest fixtures: a real local MLflow tracking server, the cached tiny phantom, a local Ray."""
 
 from __future__ import annotations
 
@@ -14,27 +13,6 @@ from collections.abc import Iterator
 import pytest
 
 from ray_nodes import free_port
-
-
-# tests/data modules that share the session's 6-subject cohort and its preprocessed shards: one worker builds them once
-COHORT_MODULES = {"test_adni", "test_bad_input", "test_loader", "test_phantom", "test_preprocess", "test_stats"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """One xdist group per test module (its module fixtures are built once), the cohort modules of tests/data in one."""
-    for item in items:
-        module = item.path.stem
-        group = "data-cohort" if item.path.parent.name == "data" and module in COHORT_MODULES else str(item.path)
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
-def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> "Path":
-    """A folder every xdist worker of this run sees (the run's base temp dir); a fresh one without xdist."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        path = tmp_path_factory.getbasetemp().parent / name
-        path.mkdir(exist_ok=True)
-        return path
-    return tmp_path_factory.mktemp(name)
 
 
 @pytest.fixture(scope="session")
@@ -82,12 +60,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Preprocessed shards of a tiny phantom cohort (12 subjects, 3 tracers), built once per run: xdist workers share
-    the cache (ensure_phantom's lock makes the others wait for the first)."""
+    """Preprocessed shards of a tiny phantom cohort (12 subjects, 3 tracers), built once per session."""
     from ganbert import config
     from ganbert.data.phantom_cache import ensure_phantom
 
-    return str(ensure_phantom(config.tiny(), shared_dir(tmp_path_factory, "cache")))
+    return str(ensure_phantom(config.tiny(), tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture(scope="module")
