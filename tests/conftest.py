@@ -14,6 +14,9 @@ import pytest
 
 from ray_nodes import free_port
 
+# a Ray that the code under test starts itself (`ensure_ray`) has the session Ray's 2 CPUs
+os.environ.setdefault("GANBERT_NUM_CPUS", "2")
+
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -67,15 +70,15 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(ensure_phantom(config.tiny(), tmp_path_factory.mktemp("cache")))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray() -> Iterator[None]:
-    """The local Ray the CLI starts (`ensure_ray`), with 2 logical CPUs: no more than the 2-core machine has."""
+    """One local Ray for the whole test session, started as the CLI starts it (`ensure_ray`) with 2 logical CPUs: no
+    more than the 2-core machine has. A test that needs a Ray of its own (a `ray start` head, a CLI subprocess)
+    starts it in another process; no test shuts this one down."""
     import ray
 
     from ganbert.raysession import ensure_ray
 
-    if ray.is_initialized():
-        ray.shutdown()
     ensure_ray(num_cpus=2)
     yield
     ray.shutdown()

@@ -8,7 +8,6 @@ import gzip
 import json
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -218,21 +217,8 @@ def test_cli_rejects_bad_out_and_model(model_dir: Path, t1_file: Path, tmp_path:
     assert "exists and is not a folder" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    """A local Ray with 2 CPUs (reused when the session already started one)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.slow
-def test_folder_mode_on_ray_data(ray_local: None, model_dir: Path, model: tuple[torch.nn.Module, Config],
+def test_folder_mode_on_ray_data(local_ray: None, model_dir: Path, model: tuple[torch.nn.Module, Config],
                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "t1"
     src.mkdir()
@@ -307,7 +293,7 @@ def test_actor_plan_uses_gpu_actors_with_a_batch_when_the_cluster_has_gpus() -> 
 
 
 @pytest.mark.slow
-def test_folder_mode_rerun_resumes_and_keeps_existing_outputs(ray_local: None, model_dir: Path, tmp_path: Path,
+def test_folder_mode_rerun_resumes_and_keeps_existing_outputs(local_ray: None, model_dir: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     src, out = tmp_path / "t1", tmp_path / "pet"
     src.mkdir()

@@ -8,7 +8,6 @@ import io
 import os
 import shutil
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,19 +19,6 @@ from ganbert.config import TRACERS, Config, tiny
 from ganbert.data import phantom, preprocess
 
 SHARD_MB = 0.12  # tiny rows are ~55 kB: 2 rows per shard, so groups span several shards
-
-
-@pytest.fixture(scope="session")
-def data_ray() -> Iterator[None]:
-    """A local Ray with 2 CPUs (reused when the session already started one)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +41,7 @@ class Run:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_cohort: Path, tiny_cfg: Config, tmp_path_factory: pytest.TempPathFactory, data_ray: None) -> Run:
+def tiny_run(tiny_cohort: Path, tiny_cfg: Config, tmp_path_factory: pytest.TempPathFactory, local_ray: None) -> Run:
     """The tiny cohort preprocessed on the local Ray into small shards."""
     out = tmp_path_factory.mktemp("shards") / "out"
     summary = preprocess.run(tiny_cohort, out, tiny_cfg, shard_mb=SHARD_MB)
@@ -263,7 +249,7 @@ def build_bad_corpus(raw: Path, outside: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def bad_corpus(tiny_cohort: Path, tiny_cfg: Config, tmp_path_factory: pytest.TempPathFactory,
-               data_ray: None) -> BadCorpus:
+               local_ray: None) -> BadCorpus:
     """The good tiny cohort plus one subject per bad case (second CSV), preprocessed through the CLI entry."""
     import argparse
     import contextlib

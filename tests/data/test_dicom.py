@@ -100,7 +100,7 @@ def test_malformed_series_rejected_with_reason(case: str, tmp_path: Path) -> Non
 
 
 @pytest.fixture(scope="module")
-def dicom_run(tmp_path_factory: pytest.TempPathFactory, tiny_cfg, data_ray: None) -> tuple[Path, Path, Path, Path]:
+def dicom_run(tmp_path_factory: pytest.TempPathFactory, tiny_cfg, local_ray: None) -> tuple[Path, Path, Path, Path]:
     """The same 3-subject cohort written as NIfTI and as DICOM, then six DICOM scans broken; both preprocessed."""
     base = tmp_path_factory.mktemp("dicom")
     nii = phantom.write_cohort(base / "nii", 3, ("AV45", "FDG"), "tiny", 5)

@@ -216,7 +216,7 @@ def test_window_excludes_far_t1(tiny_run) -> None:
     assert len(far) == 18 - len(near.pairs)
 
 
-def test_real_nibabel_files_through_the_pipeline(tiny_cfg, tmp_path: Path, data_ray: None) -> None:
+def test_real_nibabel_files_through_the_pipeline(tiny_cfg, tmp_path: Path, local_ray: None) -> None:
     """nibabel's own example files as an ADNI download: a 3D T1 (int16, LAS) and 4D PETs (20 and 2 frames)."""
     from nibabel.testing import data_path
 

@@ -13,7 +13,7 @@ from ganbert.data import loader, phantom, preprocess, registration
 
 
 @pytest.fixture(scope="module")
-def standard_run(tmp_path_factory: pytest.TempPathFactory, tiny_cfg, data_ray: None) -> tuple[Path, Path]:
+def standard_run(tmp_path_factory: pytest.TempPathFactory, tiny_cfg, local_ray: None) -> tuple[Path, Path]:
     """2 subjects x (AV45, FDG) written on the standard grid under random rigid motions, then preprocessed (rigid)."""
     raw = phantom.write_cohort(tmp_path_factory.mktemp("std") / "raw", 2, ("AV45", "FDG"), "tiny", 3,
                                pet_space="adni-standard")
