@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,28 +30,51 @@ def _cfg(tmp: Path, name: str, workers: int = 2) -> config.Config:
                                         "optim.epochs": 3, "run.max_failures": 2})
 
 
-def _weights(out: loop.TrainResult) -> dict[str, torch.Tensor]:
-    assert out.model_dir is not None
-    return load_file(str(Path(out.model_dir) / "generator.safetensors"))
+def _generator(checkpoint_or_model: str | None) -> dict[str, torch.Tensor]:
+    assert checkpoint_or_model is not None
+    return load_file(str(Path(checkpoint_or_model) / "generator.safetensors"))
+
+
+def _same_generators(a: str | None, b: str | None) -> None:
+    mine, theirs = _generator(a), _generator(b)
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        assert torch.allclose(mine[k], theirs[k], atol=1e-5), k
+
+
+@dataclass(frozen=True)
+class Whole:
+    """An uninterrupted 4-epoch, 2-worker run (validated and checkpointed every 2nd epoch) and its MLflow store."""
+
+    cfg: config.Config
+    uri: str
+    out: loop.TrainResult
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory, tiny_shards: str, local_ray: None) -> Whole:
+    """The reference that the interrupted runs below must end at (the same weights and val metrics)."""
+    tmp = tmp_path_factory.mktemp("whole")
+    cfg = config.apply(_cfg(tmp, "whole"), {"optim.epochs": 4, "run.validate_every": 2, "run.checkpoint_every": 2})
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    return Whole(cfg, uri, loop.fit(cfg, tiny_shards, uri))  # rows held in memory
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_to_the_uninterrupted_result(tmp_path: Path, tiny_shards: str, local_ray: None,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    plain = loop.fit(_cfg(tmp_path, "plain"), tiny_shards, uri)  # rows held in memory
+def test_killed_worker_resumes_to_the_uninterrupted_result(whole: Whole, tiny_shards: str,
+                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Rank 1 killed in epoch 2 (after epoch 1's checkpoint): Ray Train restarts the group from that checkpoint and
+    the run ends where the uninterrupted one ends."""
+    uri, plain = whole.uri, whole.out
     marker = tmp_path / "killed.txt"
-    monkeypatch.setenv(loop.FAULT_ENV, f"1:1:1:{marker}")   # epoch 1, step 1, rank 1
+    monkeypatch.setenv(loop.FAULT_ENV, f"2:1:1:{marker}")   # epoch 2, step 1, rank 1
     # rows read through Ray Data every epoch: the same training as from memory
-    resumed = loop.fit(config.apply(_cfg(tmp_path, "faulty"), {"run.in_memory_mb": 0}), tiny_shards, uri)
+    resumed = loop.fit(config.apply(whole.cfg, {"run.name": "faulty", "run.in_memory_mb": 0}), tiny_shards, uri)
     assert marker.exists(), "the fault was never injected"
-    per_epoch = loop.steps_per_epoch(_cfg(tmp_path, "x"), count_rows(tiny_shards, "train", "AV45"))
-    assert resumed.metrics["step"] == plain.metrics["step"] == 3 * per_epoch
-    assert resumed.metrics["epoch"] == 2
-    a, b = _weights(plain), _weights(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    per_epoch = loop.steps_per_epoch(whole.cfg, count_rows(tiny_shards, "train", "AV45"))
+    assert resumed.metrics["step"] == plain.metrics["step"] == 4 * per_epoch
+    assert resumed.metrics["epoch"] == 3
+    _same_generators(plain.checkpoint, resumed.checkpoint)
     for key in ("val_psnr", "val_ssim", "val_rmse"):
         assert resumed.metrics[key] == pytest.approx(plain.metrics[key], rel=1e-4)
     # checkpoints: best by val PSNR kept, and they hold every network and optimiser as safetensors
@@ -64,7 +88,7 @@ def test_killed_worker_resumes_to_the_uninterrupted_result(tmp_path: Path, tiny_
     run = MlflowClient(uri).get_run(run_id)
     assert run.data.params["model.method"] == "ganbert"
     history = MlflowClient(uri).get_metric_history(run_id, "val_psnr")
-    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert sorted(m.step for m in history) == [1, 3]
     assert resumed.model_uri and resumed.model_uri.startswith("models:/")
     # the published model is the generator of the best val epoch, not the last one
     val = {m.step: m.value for m in history}
@@ -72,29 +96,20 @@ def test_killed_worker_resumes_to_the_uninterrupted_result(tmp_path: Path, tiny_
     assert run.data.tags["best_epoch"] == str(best_epoch)
     best = json.loads((Path(resumed.best_checkpoint) / "state.json").read_text())["meta"]
     assert best["epoch"] == best_epoch
-    chosen = load_file(str(Path(resumed.best_checkpoint) / "generator.safetensors"))
-    for k, v in b.items():
-        assert torch.equal(v, chosen[k]), k
-
-
-def _generator(checkpoint_or_model: str | None) -> dict[str, torch.Tensor]:
-    assert checkpoint_or_model is not None
-    return load_file(str(Path(checkpoint_or_model) / "generator.safetensors"))
+    chosen, published = _generator(resumed.best_checkpoint), _generator(resumed.model_dir)
+    assert chosen.keys() == published.keys() and all(torch.equal(chosen[k], published[k]) for k in chosen)
+    _same_generators(plain.model_dir, resumed.model_dir)
 
 
 @pytest.mark.slow
-def test_a_run_stopped_after_two_of_four_epochs_resumes_at_epoch_two(tmp_path: Path, tiny_shards: str,
-                                                                     local_ray: None,
+def test_a_run_stopped_after_two_of_four_epochs_resumes_at_epoch_two(whole: Whole, tiny_shards: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped cleanly after epoch 1 and rerun under the same run.name, a 4-epoch run (validated and checkpointed
     every 2nd epoch) trains epochs 2-3 only, into the same MLflow run, and ends where an uninterrupted run ends."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    base = config.apply(_cfg(tmp_path, "whole", workers=1), {"optim.epochs": 4, "run.validate_every": 2,
-                                                             "run.checkpoint_every": 2})
-    whole = loop.fit(base, tiny_shards, uri)
-    split = config.apply(base, {"run.name": "split"})
+    uri = whole.uri
+    split = config.apply(whole.cfg, {"run.name": "split"})
     monkeypatch.setenv(loop.STOP_ENV, "1")
     first = loop.fit(split, tiny_shards, uri)
     assert first.metrics["epoch"] == 1
@@ -110,16 +125,13 @@ def test_a_run_stopped_after_two_of_four_epochs_resumes_at_epoch_two(tmp_path: P
     assert second.run_id == first.run_id == run_id
     assert client.get_run(run_id).info.status == "FINISHED"
     val = {m.step: m.value for m in client.get_metric_history(run_id, "val_psnr")}
-    whole_val = {m.step: m.value for m in client.get_metric_history(whole.run_id, "val_psnr")}
+    whole_val = {m.step: m.value for m in client.get_metric_history(whole.out.run_id, "val_psnr")}
     assert sorted(val) == sorted(whole_val) == [1, 3]  # validated every 2nd epoch
     assert val == pytest.approx(whole_val, rel=1e-5)
-    assert second.metrics["step"] == whole.metrics["step"]
+    assert second.metrics["step"] == whole.out.metrics["step"]
     # the last checkpoints and the published (best-on-val) models hold the same generator
-    for a, b in ((whole.checkpoint, second.checkpoint), (whole.model_dir, second.model_dir)):
-        mine, theirs = _generator(a), _generator(b)
-        assert mine.keys() == theirs.keys()
-        for k in mine:
-            assert torch.allclose(mine[k], theirs[k], atol=1e-5), k
+    _same_generators(whole.out.checkpoint, second.checkpoint)
+    _same_generators(whole.out.model_dir, second.model_dir)
 
 
 def test_checkpoints_keep_the_best_validated_epoch() -> None:
