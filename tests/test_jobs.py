@@ -1,4 +1,4 @@
-"""jobs/*.py: thin `ray job submit` entry points; a real `ray start --head` cluster runs jobs/train.py --preset tiny."""
+"""jobs/*.py: thin `ray job submit` entry points; the README's `ray start --head` runs jobs/train.py --preset tiny."""
 
 from __future__ import annotations
 
@@ -201,37 +201,6 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_train_tiny(cluster: Cluster, tiny_shards: str) -> None:
-    """The acceptance test: `ray job submit --working-dir . -- python jobs/train.py --preset tiny` succeeds (on the
-    session's shards; the README test below builds the default phantom inside a job)."""
-    out_dir = cluster.root / "out"
-    storage, db = out_dir / "ray", out_dir / "mlflow.db"
-    job, out = cluster.submit(["python", "jobs/train.py", "--preset", "tiny", "--data", tiny_shards,
-                               "--tracking-uri", f"sqlite:///{db}",
-                               f"run.storage={storage}", "run.name=jobtiny"], timeout=240)
-    logs = cluster.logs(job)
-    report = f"ray job submit rc {out.returncode}\nstderr:\n{out.stderr[-3000:]}\njob logs:\n{logs[-6000:]}"
-    assert out.returncode == 0, report
-    assert cluster.status(job) == "SUCCEEDED", report
-    model = re.search(r"^model: (models:/\S+)$", logs, re.MULTILINE)
-    assert model, report
-    ckpt = re.search(r"^checkpoint: (\S+)$", logs, re.MULTILINE)
-    assert ckpt and Path(ckpt.group(1)).parent == storage / "jobtiny", report
-    checkpoints = sorted(p for p in (storage / "jobtiny").glob("checkpoint_*") if p.is_dir())
-    assert Path(ckpt.group(1)) in checkpoints, report
-    assert all((c / "state.json").is_file() and (c / "generator.safetensors").is_file() for c in checkpoints), report
-    assert (storage / "jobtiny" / "model" / "MODEL_URI").read_text().strip() == model.group(1)
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{db}")
-    runs = client.search_runs([client.get_experiment_by_name("ganbert").experiment_id],
-                              filter_string="attributes.run_name = 'jobtiny'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.metrics["val_psnr"] > 0
-
-
-@pytest.mark.slow
 def test_submitted_job_ships_ganbert_to_every_worker(cluster: Cluster) -> None:
     """Driver, tasks and actors import the uploaded copy, never the editable install in this checkout."""
     job, out = cluster.submit(["python", "-c", PROBE], timeout=120)
@@ -306,7 +275,8 @@ def _readme_job_lines() -> list[str]:
 @pytest.mark.slow
 def test_readme_job_lines_run_as_written(tmp_path: Path) -> None:
     """From the repository root, in a shell whose PATH lacks the venv: the README's activation, token, `ray start`
-    and the train submission succeed, and the job's outputs land in $GANBERT_HOME, not in Ray's working-dir copy;
+    and the train submission succeed, and the job's checkpoints, model and MLflow run land in $GANBERT_HOME, not in
+    Ray's working-dir copy;
     the head listens on loopback only and its job API refuses a job without the token.
 
     Only what cannot be shared with other Rays on this machine is changed: the dashboard port (8265) and the
@@ -358,7 +328,21 @@ def test_readme_job_lines_run_as_written(tmp_path: Path) -> None:
     assert "succeeded" in log, log[-6000:]
     assert "HTTP 401" in log, log[-2000:]  # the job API without the token
     assert head and all(is_loopback(address) for address, _, _ in head), head
+    # `ray job submit ... -- python jobs/train.py --preset tiny`: the run's checkpoints, model and MLflow run
+    storage = home / "ray" / "tiny"
     ckpt = re.search(r"^checkpoint: (\S+)$", log, re.MULTILINE)
-    assert ckpt and Path(ckpt.group(1)).parent == home / "ray" / "tiny", log[-4000:]
-    assert (home / "mlflow.db").is_file() and (home / "ray" / "tiny" / "model" / "MODEL_URI").is_file()
+    assert ckpt and Path(ckpt.group(1)).parent == storage, log[-4000:]
     assert "runtime_resources" not in ckpt.group(1)
+    checkpoints = sorted(p for p in storage.glob("checkpoint_*") if p.is_dir())
+    assert Path(ckpt.group(1)) in checkpoints, log[-4000:]
+    assert all((c / "state.json").is_file() and (c / "generator.safetensors").is_file() for c in checkpoints)
+    model = re.search(r"^model: (models:/\S+)$", log, re.MULTILINE)
+    assert model and (storage / "model" / "MODEL_URI").read_text().strip() == model.group(1), log[-4000:]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ganbert").experiment_id],
+                              filter_string="attributes.run_name = 'tiny'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["val_psnr"] > 0
