@@ -1,4 +1,4 @@
-"""A Ray Tune sweep of 2 trials logging child runs to a real `mlflow server`, and resuming it."""
+"""`ganbert tune`: a sweep of 2 trials logging child runs to a real `mlflow server`, resuming it, and ASHA."""
 
 from __future__ import annotations
 
@@ -15,15 +15,24 @@ from ganbert.tune import run_sweep, sweep_name
 
 
 @pytest.mark.slow
-def test_sweep_logs_child_runs_with_metrics_and_resumes(tmp_path: Path, tiny_shards: str, local_ray: None,
-                                                        mlflow_server: str) -> None:
+def test_cli_tune_logs_child_runs_with_metrics_and_a_rerun_resumes(tmp_path: Path, tiny_shards: str, local_ray: None,
+                                                                   mlflow_server: str) -> None:
+    """`ganbert tune` as a user runs it, two trials at once on the local Ray the CLI starts with 2 logical CPUs (a
+    2-core machine), logging child runs to a real `mlflow server`; the same sweep run again restores, runs nothing."""
     space = tmp_path / "masks.yaml"
     space.write_text("sequence.pet_mask_ratio:\n  grid: [0.1, 0.25]\ntune:\n  metric: val_psnr\n  mode: max\n")
-    cfg = config.apply(config.tiny(), {"optim.epochs": 1, "run.storage": str(tmp_path / "ray"),
-                                       "run.experiment": "sweep-test", "run.name": "t"})
-    results = run_sweep(space, cfg, tiny_shards, mlflow_server, max_concurrent=2)
-    assert len(results) == 2 and results.num_errors == 0
+    overrides = {"optim.epochs": 1, "run.storage": str(tmp_path / "ray"), "run.experiment": "sweep-test",
+                 "run.name": "t"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(GANBERT_NUM_CPUS="2", GANBERT_HOME=str(tmp_path / "home"))
+    cmd = [str(Path(sys.executable).parent / "ganbert"), "tune", "--space", str(space), "--preset", "tiny",
+           "--data", tiny_shards, "--tracking-uri", mlflow_server, "--max-concurrent", "2",
+           *[f"{k}={v}" for k, v in overrides.items()]]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "[tune] 2 trials, 0 errored" in out.stdout, out.stdout[-4000:]
 
+    cfg = config.apply(config.tiny(), overrides)
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("sweep-test")
     runs = client.search_runs([exp.experiment_id])
@@ -41,20 +50,6 @@ def test_sweep_logs_child_runs_with_metrics_and_resumes(tmp_path: Path, tiny_sha
     assert len(again) == 2 and again.num_errors == 0
     runs = client.search_runs([exp.experiment_id])
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]) == 2
-
-
-@pytest.mark.slow
-def test_cli_tune_of_two_trials_finishes_on_a_two_cpu_ray(tmp_path: Path, tiny_shards: str) -> None:
-    """`ganbert tune` as a user runs it, on the local Ray the CLI starts with 2 logical CPUs (a 2-core machine)."""
-    space = tmp_path / "two.yaml"
-    space.write_text("sequence.pet_mask_ratio:\n  grid: [0.1, 0.25]\ntune:\n  metric: val_psnr\n  mode: max\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(GANBERT_NUM_CPUS="2", GANBERT_HOME=str(tmp_path / "home"))
-    cmd = [str(Path(sys.executable).parent / "ganbert"), "tune", "--space", str(space), "--preset", "tiny",
-           "--data", tiny_shards, "optim.epochs=1", "run.experiment=cli-tune"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "[tune] 2 trials, 0 errored" in out.stdout, out.stdout[-4000:]
 
 
 @pytest.mark.slow
