@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from ray_nodes import free_port
+from uninterrupted import UNINTERRUPTED, Uninterrupted
 
 # a Ray that the code under test starts itself (`ensure_ray`) has the session Ray's 2 CPUs
 os.environ.setdefault("GANBERT_NUM_CPUS", "2")
@@ -123,3 +124,15 @@ def static_pet(phantom_t1: dict[str, "Path"], tmp_path_factory: pytest.TempPathF
     path = tmp_path_factory.mktemp("static_pet") / "static_pet.nii.gz"
     nib.save(nib.Nifti1Image(resample(data, img.affine, affine, tuple(shape)), affine), str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_shards: str, local_ray: None) -> Uninterrupted:
+    """`UNINTERRUPTED` trained once per session on the session Ray (its rows held in memory)."""
+    from ganbert import config
+    from ganbert.train import loop
+
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    cfg = config.apply(config.tiny(), {**UNINTERRUPTED, "run.name": "whole", "run.storage": str(tmp / "ray")})
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    return Uninterrupted(cfg, uri, loop.fit(cfg, tiny_shards, uri))  # rows held in memory

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -12,11 +13,28 @@ import time
 from pathlib import Path
 
 
+# Ports handed out here lie below Linux's ephemeral range (32768-60999) and above Ray's worker ports (10002-19999):
+# a port picked from the ephemeral range can be taken by any process's next outgoing or port-0 socket (a Ray
+# worker of the session's Ray starting, say) before the server it was picked for binds it.
+PORT_RANGE = (20000, 32768)
+_handed: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that is free now on every interface, never handed out before in this process."""
+    rng = random.Random()
+    for _ in range(2000):
+        port = rng.randrange(*PORT_RANGE)
+        if port in _handed:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {PORT_RANGE}")
 
 
 def session_members(sid: int) -> list[tuple[int, str]]:

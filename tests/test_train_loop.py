@@ -8,21 +8,20 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from ganbert import config
 from ganbert.data import loader, shards, stats
 from ganbert.data.loader import count_rows
 from ganbert.tracking import find_run
 from ganbert.train import loop
 from ray_nodes import descendants, is_loopback, listening
+from safetensors.torch import load_file
+from uninterrupted import Uninterrupted
 
 
 def _cfg(tmp: Path, name: str, workers: int = 2) -> config.Config:
@@ -42,36 +41,18 @@ def _same_generators(a: str | None, b: str | None) -> None:
         assert torch.allclose(mine[k], theirs[k], atol=1e-5), k
 
 
-@dataclass(frozen=True)
-class Whole:
-    """An uninterrupted 4-epoch, 2-worker run (validated and checkpointed every 2nd epoch) and its MLflow store."""
-
-    cfg: config.Config
-    uri: str
-    out: loop.TrainResult
-
-
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory: pytest.TempPathFactory, tiny_shards: str, local_ray: None) -> Whole:
-    """The reference that the interrupted runs below must end at (the same weights and val metrics)."""
-    tmp = tmp_path_factory.mktemp("whole")
-    cfg = config.apply(_cfg(tmp, "whole"), {"optim.epochs": 4, "run.validate_every": 2, "run.checkpoint_every": 2})
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    return Whole(cfg, uri, loop.fit(cfg, tiny_shards, uri))  # rows held in memory
-
-
 @pytest.mark.slow
-def test_killed_worker_resumes_to_the_uninterrupted_result(whole: Whole, tiny_shards: str,
+def test_killed_worker_resumes_to_the_uninterrupted_result(uninterrupted: Uninterrupted, tiny_shards: str,
                                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Rank 1 killed in epoch 2 (after epoch 1's checkpoint): Ray Train restarts the group from that checkpoint and
     the run ends where the uninterrupted one ends."""
-    uri, plain = whole.uri, whole.out
+    uri, plain = uninterrupted.uri, uninterrupted.out
     marker = tmp_path / "killed.txt"
     monkeypatch.setenv(loop.FAULT_ENV, f"2:1:1:{marker}")   # epoch 2, step 1, rank 1
     # rows read through Ray Data every epoch: the same training as from memory
-    resumed = loop.fit(config.apply(whole.cfg, {"run.name": "faulty", "run.in_memory_mb": 0}), tiny_shards, uri)
+    resumed = loop.fit(config.apply(uninterrupted.cfg, {"run.name": "faulty", "run.in_memory_mb": 0}), tiny_shards, uri)
     assert marker.exists(), "the fault was never injected"
-    per_epoch = loop.steps_per_epoch(whole.cfg, count_rows(tiny_shards, "train", "AV45"))
+    per_epoch = loop.steps_per_epoch(uninterrupted.cfg, count_rows(tiny_shards, "train", "AV45"))
     assert resumed.metrics["step"] == plain.metrics["step"] == 4 * per_epoch
     assert resumed.metrics["epoch"] == 3
     _same_generators(plain.checkpoint, resumed.checkpoint)
@@ -102,14 +83,14 @@ def test_killed_worker_resumes_to_the_uninterrupted_result(whole: Whole, tiny_sh
 
 
 @pytest.mark.slow
-def test_a_run_stopped_after_two_of_four_epochs_resumes_at_epoch_two(whole: Whole, tiny_shards: str,
+def test_a_run_stopped_after_two_of_four_epochs_resumes_at_epoch_two(uninterrupted: Uninterrupted, tiny_shards: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped cleanly after epoch 1 and rerun under the same run.name, a 4-epoch run (validated and checkpointed
     every 2nd epoch) trains epochs 2-3 only, into the same MLflow run, and ends where an uninterrupted run ends."""
     from mlflow import MlflowClient
 
-    uri = whole.uri
-    split = config.apply(whole.cfg, {"run.name": "split"})
+    uri = uninterrupted.uri
+    split = config.apply(uninterrupted.cfg, {"run.name": "split"})
     monkeypatch.setenv(loop.STOP_ENV, "1")
     first = loop.fit(split, tiny_shards, uri)
     assert first.metrics["epoch"] == 1
@@ -125,13 +106,13 @@ def test_a_run_stopped_after_two_of_four_epochs_resumes_at_epoch_two(whole: Whol
     assert second.run_id == first.run_id == run_id
     assert client.get_run(run_id).info.status == "FINISHED"
     val = {m.step: m.value for m in client.get_metric_history(run_id, "val_psnr")}
-    whole_val = {m.step: m.value for m in client.get_metric_history(whole.out.run_id, "val_psnr")}
+    whole_val = {m.step: m.value for m in client.get_metric_history(uninterrupted.out.run_id, "val_psnr")}
     assert sorted(val) == sorted(whole_val) == [1, 3]  # validated every 2nd epoch
     assert val == pytest.approx(whole_val, rel=1e-5)
-    assert second.metrics["step"] == whole.out.metrics["step"]
+    assert second.metrics["step"] == uninterrupted.out.metrics["step"]
     # the last checkpoints and the published (best-on-val) models hold the same generator
-    _same_generators(whole.out.checkpoint, second.checkpoint)
-    _same_generators(whole.out.model_dir, second.model_dir)
+    _same_generators(uninterrupted.out.checkpoint, second.checkpoint)
+    _same_generators(uninterrupted.out.model_dir, second.model_dir)
 
 
 def test_checkpoints_keep_the_best_validated_epoch() -> None:
