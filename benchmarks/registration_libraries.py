@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
-from ganbert.data import registration  # noqa: E402  (numpy + SimpleITK only)
+from ganbert.prep import registration  # noqa: E402  (numpy + SimpleITK only)
 
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 

@@ -62,7 +62,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Preprocessed shards of a tiny phantom cohort (12 subjects, 3 tracers), built once per session."""
     from ganbert import config
-    from ganbert.data.phantom_cache import ensure_phantom
+    from ganbert.prep.phantom_cache import ensure_phantom
 
     return str(ensure_phantom(config.tiny(), tmp_path_factory.mktemp("cache")))
 
@@ -72,7 +72,7 @@ def local_ray() -> Iterator[None]:
     """The local Ray the CLI starts (`ensure_ray`), with 2 logical CPUs: no more than the 2-core machine has."""
     import ray
 
-    from ganbert.raysession import ensure_ray
+    from ganbert.common.raysession import ensure_ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -89,9 +89,9 @@ def phantom_t1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, "Path"]:
     """
     from pathlib import Path
 
-    from ganbert import qc
-    from ganbert.data import adni, dicom, phantom
-    from ganbert.synthesize import _file_key
+    from ganbert.prep import qc
+    from ganbert.ingest import adni, dicom, phantom
+    from ganbert.serve.synthesize import _file_key
 
     raw = phantom.write_cohort(tmp_path_factory.mktemp("phantom_t1"), 1, ("AV45",), "tiny", 0)
     scans = adni.ingest(raw, 365).scans
@@ -110,7 +110,7 @@ def static_pet(phantom_t1: dict[str, "Path"], tmp_path_factory: pytest.TempPathF
     import nibabel as nib
     import numpy as np
 
-    from ganbert.data.grid import resample
+    from ganbert.prep.grid import resample
 
     img = nib.load(str(phantom_t1["pet"]))
     data = img.get_fdata(dtype=np.float32).mean(axis=3)

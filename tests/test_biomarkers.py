@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from ganbert import biomarkers as bm
+from ganbert.scoring import biomarkers as bm
 
 # Shrout & Fleiss 1979, Table 2: 6 targets rated by 4 judges; their Table 4 gives ICC(2,1) = .29.
 SHROUT_FLEISS = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]], float)

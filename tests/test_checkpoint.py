@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from ganbert import config
-from ganbert.model_files import GENERATOR_FILE
+from ganbert.models.saved import GENERATOR_FILE
 from ganbert.models import build_networks
 from ganbert.train.checkpoint import load_generator, save_model_dir, save_state
 from ganbert.train.loop import training_state

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ganbert import config
 from ganbert.models import Networks, build_networks
-from ganbert.sequence import mask_positions
+from ganbert.models.sequence import mask_positions
 from ganbert.train import step
 from ganbert.train.step import Batch, gan_step, make_optimisers, seed_everything, unwrap
 

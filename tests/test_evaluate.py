@@ -14,12 +14,11 @@ from scipy.stats import wasserstein_distance
 from skimage.metrics import structural_similarity
 
 from ganbert import config as config_mod
-from ganbert import metrics
+from ganbert.scoring import metrics
 from ganbert.cli import main as cli_main
-from ganbert.data.phantom import LABEL
-from ganbert.biomarkers import NOTES_KEY, note_for
-from ganbert.evaluate import (BIOMARKER_KEYS, BIOMARKER_METRICS, POSITIVITY, REGIONAL_SUVR, SUBJECT_METRICS,
-                              brain_mask, geometry_of, positivity, subject_metrics, summarise)
+from ganbert.ingest.phantom import LABEL
+from ganbert.scoring.biomarkers import NOTES_KEY, note_for
+from ganbert.scoring.evaluate import (BIOMARKER_KEYS, BIOMARKER_METRICS, POSITIVITY, REGIONAL_SUVR, SUBJECT_METRICS, brain_mask, geometry_of, positivity, subject_metrics, summarise)
 
 RNG = np.random.default_rng(7)
 
@@ -170,7 +169,7 @@ def _assert_absent_with_reason(summary: dict[str, object], keys: tuple[str, ...]
 def test_biomarkers_of_the_mean_pet_on_tiny_shards(tiny_shards: str) -> None:
     """Every tracer's biomarker columns and summary keys exist; the other tracers' are absent with a reason.
     The train split (several subjects per tracer) so that the cohort statistics are defined."""
-    from ganbert.evaluate import evaluate_split, generator_predictor, mean_pet
+    from ganbert.scoring.evaluate import evaluate_split, generator_predictor, mean_pet
 
     only = {"AV45": "centiloid", "AV1451": "braak", "FDG": "metaroi"}
     for tracer, mine in only.items():
@@ -206,7 +205,7 @@ def _without_labels(data_dir: str, out: Path) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ganbert.data import shards
+    from ganbert.store import shards
 
     shutil.copytree(data_dir, out)
     manifest = shards.read_manifest(out)
@@ -252,7 +251,7 @@ def test_evaluate_without_labels_reports_every_biomarker_absent(tiny_shards: str
 
 
 def test_brain_mask_prefers_the_column_and_falls_back_to_the_t1(tiny_shards: str) -> None:
-    from ganbert.data import loader
+    from ganbert.store import loader
 
     geo = geometry_of(tiny_shards)
     row = next(loader.read_rows(tiny_shards, "test", "AV45"))
@@ -305,8 +304,8 @@ def test_mean_pet_baseline_reads_the_volume_recorded_at_preprocessing(tiny_shard
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The baseline is the recorded mean normalised training PET: no training row is read, and it equals the mean
     streamed from the rows (float32 rounding of a float64 mean)."""
-    from ganbert import evaluate
-    from ganbert.data import stats
+    from ganbert.scoring import evaluate
+    from ganbert.store import stats
 
     streamed = torch.stack(list(stats.normalised_train_pet(tiny_shards, "AV45"))).mean(0).float()
 
@@ -339,7 +338,7 @@ def test_evaluate_takes_preset_config_and_overrides_like_every_command(tiny_shar
 
 def test_a_checkpoint_given_as_a_uri_is_loaded(tmp_path: Path) -> None:
     from ganbert.models import build_generator
-    from ganbert.study import load_checkpoint
+    from ganbert.experiments.study import load_checkpoint
     from ganbert.train.checkpoint import save_model_dir
 
     cfg = config_mod.tiny()

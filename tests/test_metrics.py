@@ -1,4 +1,4 @@
-"""Tests for ganbert.metrics: MRI-statistics normalisation and PSNR / 3D SSIM / RMSE against skimage."""
+"""Tests for ganbert.scoring.metrics: MRI-statistics normalisation and PSNR / 3D SSIM / RMSE against skimage."""
 
 from __future__ import annotations
 
@@ -9,19 +9,7 @@ import pytest
 import torch
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
-from ganbert.metrics import (
-    PAPER_RANGE,
-    clip_paper,
-    evaluate,
-    mri_stats,
-    normalise_mri,
-    normalise_pet,
-    psnr,
-    restore_pet,
-    rmse,
-    ssim3d,
-    ssim_window,
-)
+from ganbert.scoring.metrics import (PAPER_RANGE, clip_paper, evaluate, mri_stats, normalise_mri, normalise_pet, psnr, restore_pet, rmse, ssim3d, ssim_window)
 
 SHAPE = (2, 2, 16, 14, 13)
 TOL = 1e-4

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from ganbert.tracking import (EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, SHARED_VIEW_PREFIX, VIEW_KEY, MLflowTracker,
-                              ensure_experiment, link_model, set_runs_view)
-from ganbert.tune import swept_keys
+from ganbert.track.tracking import (EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, SHARED_VIEW_PREFIX, VIEW_KEY, MLflowTracker, ensure_experiment, link_model, set_runs_view)
+from ganbert.experiments.tune import swept_keys
 
 
 def test_experiments_open_in_model_training_and_carry_a_compare_view(tmp_path: Path) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ganbert import config, model_card
-from ganbert.data import shards
-from ganbert.model_files import CARD_FILE, METADATA_FILE, STATE_FILE
+from ganbert import config
+from ganbert.track import model_card
+from ganbert.store import shards
+from ganbert.models.saved import CARD_FILE, METADATA_FILE, STATE_FILE
 from ganbert.models import build_generator
 from ganbert.train.checkpoint import save_model_dir
 
@@ -55,8 +56,8 @@ def test_card_describes_the_training_cohort_and_takes_test_metrics(tiny_shards: 
 def test_publish_best_puts_the_card_in_the_model_folder_and_the_mlflow_model(tiny_shards: str, tmp_path: Path) -> None:
     import ray.train
 
-    from ganbert import mlflow_model
-    from ganbert.tracking import MLflowTracker
+    from ganbert.track import mlflow_model
+    from ganbert.track.tracking import MLflowTracker
     from ganbert.train.loop import publish_best
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

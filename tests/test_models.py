@@ -7,7 +7,7 @@ from ganbert import config
 from ganbert.models import METHODS, build_bert, build_generator, build_networks
 from ganbert.models.bert_disc import BertDiscriminator, bert_config
 from ganbert.models.unet3d import UNet3D
-from ganbert.sequence import Vocabulary, build_sequence, mask_positions, mask_sequence
+from ganbert.models.sequence import Vocabulary, build_sequence, mask_positions, mask_sequence
 
 RANGES = {"sequence.mri_range": (-3.0, 3.0), "sequence.pet_range": (-3.0, 3.0)}
 
@@ -151,7 +151,7 @@ def _marker_pet_voxel(geometry: config.GeometryConfig, marker: tuple[int, int, i
     """The PET voxel that holds the world position of MRI voxel `marker` (preprocessing's own affines)."""
     import numpy as np
 
-    from ganbert.data.grid import mri_affine_for, pet_affine
+    from ganbert.prep.grid import mri_affine_for, pet_affine
 
     mri_aff = mri_affine_for(np.diag([1.0, 1.0, 1.0, 1.0]), geometry.mri_size, geometry)
     world = mri_aff @ np.array([*marker, 1.0])

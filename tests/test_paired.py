@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ganbert import paired
+from ganbert.experiments import paired
 
 
 def test_bootstrap_interval_is_the_documented_percentile_recipe() -> None:

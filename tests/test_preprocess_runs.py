@@ -12,7 +12,9 @@ import pytest
 
 from ganbert import config
 from ganbert.config import TRACERS
-from ganbert.data import adni, phantom, preprocess, shards
+from ganbert.ingest import adni, phantom
+from ganbert.prep import preprocess
+from ganbert.store import shards
 
 FOLLOW_UP_SUBJECT = "011_S_6003"  # phantom subject 3: a baseline T1 and a follow-up T1 a year later
 

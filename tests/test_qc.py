@@ -10,10 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ganbert import qc
-from ganbert.data import adni, brainmask, dicom, phantom, preprocess, shards
-from ganbert.data.registration import Registration
-from ganbert.synthesize import _file_key
+from ganbert.prep import qc
+from ganbert.ingest import adni, dicom, phantom
+from ganbert.prep import brainmask, preprocess
+from ganbert.store import shards
+from ganbert.prep.registration import Registration
+from ganbert.serve.synthesize import _file_key
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ganbert import cli, config, reference
-from ganbert.data import adni, phantom
+from ganbert import cli, config
+from ganbert.serve import reference
+from ganbert.ingest import adni, phantom
 from ganbert.models import build_generator
 from ganbert.train.checkpoint import save_model_dir
 

@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 from mlflow import MlflowClient
 
-from ganbert import report
+from ganbert.experiments import report
 
 T0 = 1_700_000_000_000
 

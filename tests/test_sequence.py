@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from ganbert.config import SequenceConfig
-from ganbert.sequence import (IGNORE_INDEX, SPECIALS, Vocabulary, build_sequence, calibrated_range, mask_positions,
-                              mask_sequence, quantise, straight_through_embed, summarise, value_ids)
+from ganbert.models.sequence import (IGNORE_INDEX, SPECIALS, Vocabulary, build_sequence, calibrated_range, mask_positions, mask_sequence, quantise, straight_through_embed, summarise, value_ids)
 
 PAPER = {"scheme": "paper"}
 

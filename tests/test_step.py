@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ganbert import config
 from ganbert.models import build_networks
-from ganbert.sequence import Vocabulary, build_sequence, mask_positions, mask_sequence, summarise
+from ganbert.models.sequence import Vocabulary, build_sequence, mask_positions, mask_sequence, summarise
 from ganbert.train.step import Batch, gan_factor, gan_step, lr_factor, make_optimisers, seed_everything, to_batch
 
 # the token space of fixed_batch's summaries (the loop calibrates it from the manifest)

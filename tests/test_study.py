@@ -13,10 +13,10 @@ from mlflow import MlflowClient
 from scipy import stats
 
 from ganbert import config as config_mod
-from ganbert import paired
-from ganbert import study as study_mod
+from ganbert.experiments import paired
+from ganbert.experiments import study as study_mod
 from ganbert.cli import main as cli_main
-from ganbert.data import folds, shards
+from ganbert.store import folds, shards
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
@@ -91,8 +91,8 @@ def test_paired_table_holm_adjusts_over_the_rows_of_one_metric() -> None:
 
 def _spy_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     """Record, in order, every shard read of the driver by part name, and every finished training run."""
-    from ganbert.data import loader
-    from ganbert.data.part import as_part
+    from ganbert.store import loader
+    from ganbert.store.part import as_part
     from ganbert.train import loop
 
     events: list[tuple[str, str]] = []

@@ -19,9 +19,9 @@ from nibabel.testing import data_path
 from scipy import ndimage
 
 from ganbert import cli, config
-from ganbert import synthesize as syn
+from ganbert.serve import synthesize as syn
 from ganbert.config import Config
-from ganbert.data.grid import conform_mri, fov_centre, pet_affine
+from ganbert.prep.grid import conform_mri, fov_centre, pet_affine
 from ganbert.models import build_generator
 from ganbert.train.checkpoint import load_generator, save_model_dir
 
@@ -266,7 +266,7 @@ def test_folder_mode_on_ray_data(ray_local: None, model_dir: Path, model: tuple[
 
 @pytest.mark.slow
 def test_model_from_mlflow_uri(model_dir: Path, t1_file: Path, tmp_path: Path) -> None:
-    from ganbert.tracking import MLflowTracker
+    from ganbert.track.tracking import MLflowTracker
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     tracker = MLflowTracker(tracking_uri=uri, experiment="t", run_name="r")
@@ -368,7 +368,7 @@ def test_qc_rejects_a_pet_naming_file_and_check_and_skip_qc_records_it(model_dir
 @pytest.mark.slow
 def test_phantom_t1_gets_pet_qc_json_picture_and_the_model_card_line(phantom_t1: dict[str, Path], tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from ganbert.model_card import write_model_card
+    from ganbert.track.model_card import write_model_card
 
     model = _tiny_model(tmp_path / "model", 0)
     write_model_card(model, config.tiny(), run={"best_epoch": 3, "best_val_psnr": 21.5})
@@ -392,7 +392,7 @@ def test_phantom_t1_gets_pet_qc_json_picture_and_the_model_card_line(phantom_t1:
 
 def _members_by_hand(generators: list[torch.nn.Module], mri: np.ndarray) -> np.ndarray:
     """Each generator on the MRI and on its left-right mirror (array axis 0 of the RAS cube), mirrored back."""
-    from ganbert.metrics import mri_stats, normalise_mri, restore_pet
+    from ganbert.scoring.metrics import mri_stats, normalise_mri, restore_pet
 
     x = torch.from_numpy(mri)[None, None]
     mean, std = mri_stats(x)
@@ -462,7 +462,7 @@ class _Symmetric(torch.nn.Module):
 
 def test_mirroring_a_symmetric_generator_is_a_no_op_and_tta_is_mirror_equivariant(
         model: tuple[torch.nn.Module, Config]) -> None:
-    from ganbert.ensemble import member_outputs
+    from ganbert.serve.ensemble import member_outputs
 
     generator, cfg = model
     mri = np.random.default_rng(3).integers(0, 256, (2, *cfg.geometry.mri_size), dtype=np.uint8)
@@ -474,7 +474,7 @@ def test_mirroring_a_symmetric_generator_is_a_no_op_and_tta_is_mirror_equivarian
 
 
 def test_a_batch_is_one_forward_per_member_and_equals_single_forwards(model: tuple[torch.nn.Module, Config]) -> None:
-    from ganbert.ensemble import member_outputs
+    from ganbert.serve.ensemble import member_outputs
 
     generator, cfg = model
     mri = np.stack([conform_mri(_t1(seed), cfg.geometry)[0] for seed in range(3)])
@@ -596,7 +596,7 @@ def test_two_concurrent_folder_runs_never_overwrite_each_other(model_dir: Path, 
 def test_a_study_as_model_stands_for_a_rows_fold_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from ganbert.synthesize import study_members
+    from ganbert.serve.synthesize import study_members
 
     study = tmp_path / "home" / "study" / "st"
     study.mkdir(parents=True)

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from ganbert import config
-from ganbert.data import loader, shards, stats
-from ganbert.data.loader import count_rows
-from ganbert.tracking import find_run
+from ganbert.store import loader, shards, stats
+from ganbert.store.loader import count_rows
+from ganbert.track.tracking import find_run
 from ganbert.train import loop
 from ray_nodes import descendants, is_loopback, listening
 
@@ -202,7 +202,7 @@ def test_shards_without_statistics_compute_them_once_and_say_so(tiny_shards: str
 
 def test_epoch_order_is_a_seeded_permutation_of_the_whole_split(tiny_shards: str) -> None:
     """Every epoch visits every training row once, in an order that changes with the epoch and not with a rerun."""
-    from ganbert.data import loader
+    from ganbert.store import loader
 
     rows = loader.split_positions(tiny_shards, "train", "AV45")
     epochs = [loader.epoch_positions(rows, 0, e) for e in range(3)]

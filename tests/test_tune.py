@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ganbert import config
-from ganbert.tune import run_sweep, sweep_name
+from ganbert.experiments.tune import run_sweep, sweep_name
 
 
 @pytest.mark.slow

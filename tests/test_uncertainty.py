@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ganbert.uncertainty import spread_scores
+from ganbert.experiments.uncertainty import spread_scores
 
 
 def test_a_calibrated_spread_covers_95_percent_and_tracks_the_error() -> None:

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from ganbert import config as config_mod
-from ganbert.atomic import write_text
+from ganbert.common.atomic import write_text
 from ganbert.config import Config
 from ganbert.models import METHODS, build_networks
 from ganbert.train.device import pick_device, place_networks
@@ -120,8 +120,8 @@ def bench_tokens(cfg: Config, data_dir: str) -> list[str]:
     Rows: share of real MRI / PET summary values that collide (paper wrap ids) or clip (monotonic), and the
     distinct value ids they use (of `sequence.vocab_values`).
     """
-    from ganbert.data import shards
-    from ganbert.data.stats import calibrated, token_health
+    from ganbert.store import shards
+    from ganbert.store.stats import calibrated, token_health
 
     lines = ["| tracer | scheme | MRI collide/clip | PET collide/clip | MRI distinct ids | PET distinct ids |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -163,7 +163,7 @@ def loader_figures(cfg: Config, data_dir: str, epochs: int = 2) -> dict[str, flo
     permutation of the whole split (`loader.epoch_dataset`); also how far each moves rows between epochs."""
     import numpy as np
 
-    from ganbert.data import loader
+    from ganbert.store import loader
 
     tracer, b = cfg.geometry.tracer, cfg.optim.batch_size
 
@@ -194,7 +194,7 @@ def loader_figures(cfg: Config, data_dir: str, epochs: int = 2) -> dict[str, flo
 
 def phantom_t1(size: str) -> str:
     """The phantom's raw T1 and standard PET grids of a size, in words."""
-    from ganbert.data import phantom
+    from ganbert.ingest import phantom
     spec = phantom.SIZES[size]
     shape, zooms = phantom.STANDARD_GRIDS[size]
     return f"{spec.t1_shape} at {spec.t1_zooms} mm, PET {shape} at {zooms} mm"
@@ -202,7 +202,7 @@ def phantom_t1(size: str) -> str:
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     if args.what == "uncertainty":
-        from ganbert import uncertainty
+        from ganbert.experiments import uncertainty
 
         if not args.study or not args.row:
             raise ValueError("bench uncertainty needs --study DIR (a finished `ganbert study --folds K`) and --row NAME")
@@ -216,7 +216,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         print(text)
         return 0
     if args.what == "registration":
-        from ganbert.data.bench import bench_registration
+        from ganbert.prep.bench import bench_registration
         size = {"tiny": "tiny", "demo": "demo"}.get(cfg.preset, "paper")
         figures = bench_registration(size)
         lines = [f"Command: `ganbert bench registration --preset {cfg.preset}` on {_machine(torch.device('cpu'))}: "
@@ -229,9 +229,9 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         print("\n".join(lines))
         return 0
     if args.what == "qc":
-        from ganbert.qc_bench import bench_qc
+        from ganbert.prep.qc_bench import bench_qc
         lines = [f"Command: `ganbert bench qc --subjects {args.subjects}` on {_machine(torch.device('cpu'))}: input QC "
-                 "(`ganbert.qc`) of phantom T1s and the MNI152 head (must pass), generated non-T1 inputs (must fail) "
+                 "(`ganbert.prep.qc`) of phantom T1s and the MNI152 head (must pass), generated non-T1 inputs (must fail) "
                  "and image files shipped in installed wheels; seconds include reading the file.", ""]
         lines += bench_qc(args.subjects, say=lambda line: print(f"[qc] {line}", flush=True))
         if args.write:
@@ -250,7 +250,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         print("\n".join(lines))
         return 0
     if args.what == "loader":
-        from ganbert.raysession import ensure_ray
+        from ganbert.common.raysession import ensure_ray
         from ganbert.train.loop import data_dir_for
 
         ensure_ray()
@@ -260,7 +260,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         print("\n".join(f"- {k}: {v:.2f}" for k, v in figures.items()))
         return 0
     if args.what == "preprocess":
-        from ganbert.data.bench import bench_preprocess
+        from ganbert.prep.bench import bench_preprocess
         figures = bench_preprocess(cfg)
         g = cfg.geometry
         lines = [f"Command: `ganbert bench preprocess --preset {cfg.preset}` on {_machine(torch.device('cpu'))}: "

@@ -36,12 +36,12 @@ def explicit_keys(args: argparse.Namespace) -> set[str]:
 # --- handlers (imports are lazy so `ganbert --help` stays fast) ----------------------------------
 
 def _phantom(args: argparse.Namespace) -> int:
-    from ganbert.data import phantom
+    from ganbert.ingest import phantom
     return phantom.main(args)
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from ganbert.data import preprocess
+    from ganbert.prep import preprocess
     return preprocess.main(args, load_config(args))
 
 
@@ -51,29 +51,29 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from ganbert import tune
+    from ganbert.experiments import tune
     return tune.main(args, load_config(args))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from ganbert import evaluate
+    from ganbert.scoring import evaluate
     given = args.preset is not None or args.config is not None or bool(args.overrides)
     cfg = config_mod.load(args.preset or "paper", args.config, list(args.overrides)) if given else None
     return evaluate.main(args, cfg, explicit_keys(args))
 
 
 def _study(args: argparse.Namespace) -> int:
-    from ganbert import study
+    from ganbert.experiments import study
     return study.main(args, load_config(args))
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ganbert import report
+    from ganbert.experiments import report
     return report.main(args)
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-    from ganbert import synthesize
+    from ganbert.serve import synthesize
     return synthesize.main(args)
 
 

@@ -412,7 +412,7 @@ def load(preset: str = "paper", config_file: str | Path | None = None, overrides
 
 def save(cfg: Config, path: str | Path) -> None:
     """Write the config as YAML (atomic)."""
-    from ganbert.atomic import write_text
+    from ganbert.common.atomic import write_text
 
     write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
 

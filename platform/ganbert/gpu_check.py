@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from ganbert import config as config_mod
-from ganbert.atomic import write_text
+from ganbert.common.atomic import write_text
 from ganbert.bench import peak_memory, random_data_config, random_micro_batches, step_figures, synchronize
 from ganbert.config import Config
 from ganbert.models import Networks, build_generator, build_networks

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from ganbert.config import TRACERS, Config, tiny
-from ganbert.data import phantom, preprocess
+from ganbert.ingest import phantom
+from ganbert.prep import preprocess
 
 SHARD_MB = 0.12  # tiny rows are ~55 kB: 2 rows per shard, so groups span several shards
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ganbert.data import adni
+from ganbert.ingest import adni
 
 
 @pytest.mark.parametrize("modality, description, expect", [

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from ganbert.data import adni, shards
+from ganbert.ingest import adni
+from ganbert.store import shards
 
 
 def _reasons(corpus, case: str) -> list[str]:

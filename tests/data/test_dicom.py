@@ -9,8 +9,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from ganbert.data import adni, dicom, loader, phantom, preprocess
-from ganbert.data.nifti import VolumeError
+from ganbert.ingest import adni, dicom, phantom
+from ganbert.store import loader
+from ganbert.prep import preprocess
+from ganbert.ingest.nifti import VolumeError
 
 AFFINE = np.array([[-2.0, 0, 0, 50], [0, 1.5, 0, -60], [0, 0, 3, -40], [0, 0, 0, 1]])
 
@@ -21,7 +23,7 @@ def _stored(frames: int = 1) -> np.ndarray:
 
 
 def _world(vol) -> np.ndarray:  # noqa: ANN001 - values at the world points of AFFINE's grid
-    from ganbert.data.registration import canonical
+    from ganbert.prep.registration import canonical
     return canonical(vol.data, vol.affine)
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ganbert.data import folds, loader, shards, stats
-from ganbert.data.part import Part
+from ganbert.store import folds, loader, shards, stats
+from ganbert.store.part import Part
 
 
 def test_assignment_is_stratified_balanced_and_independent_of_input_order() -> None:

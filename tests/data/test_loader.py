@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ganbert.config import TRACERS, tiny
-from ganbert.data import loader, shards
+from ganbert.store import loader, shards
 
 
 def _ids(data_dir: Path, split: str, seed: int | None, tracer: str | None = None, batch: int = 2) -> list[str]:
@@ -89,7 +89,7 @@ def test_bad_requests_raise_clear_errors(tiny_run, tmp_path: Path) -> None:
 
 
 def test_ensure_phantom_builds_once_then_reuses(tiny_shards: str) -> None:
-    from ganbert.data.phantom_cache import ensure_phantom
+    from ganbert.prep.phantom_cache import ensure_phantom
 
     data = Path(tiny_shards)
     manifest = shards.read_manifest(data)
@@ -110,7 +110,7 @@ def test_ray_train_worker_reads_its_shard(tiny_run, tmp_path: Path) -> None:
     def loop(config: dict) -> None:
         import json
 
-        from ganbert.data.loader import torch_batches
+        from ganbert.store.loader import torch_batches
 
         shard = ray.train.get_dataset_shard("train")
         epochs = [[pid for b in torch_batches(shard, 2, shuffle_seed=e) for pid in b["pet_image_id"]] for e in (0, 1, 0)]
@@ -134,7 +134,7 @@ def test_ray_train_worker_reads_its_shard(tiny_run, tmp_path: Path) -> None:
 def test_data_given_as_a_uri_reads_what_the_local_path_reads(tiny_run, tmp_path: Path) -> None:
     """`--data` as a URI (file:// here; s3:// and gs:// take the same pyarrow.fs.FileSystem.from_uri path): the
     manifest, recorded statistics, plain rows and a Ray Data epoch permutation equal the local path's."""
-    from ganbert.data import stats
+    from ganbert.store import stats
 
     local = str(tiny_run.out)
     uri = "file://" + local

@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ganbert.data import adni, phantom
+from ganbert.ingest import adni, phantom
 
 
 def _rows(raw: Path) -> list[dict[str, str]]:

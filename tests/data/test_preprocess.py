@@ -15,8 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ganbert.config import demo
-from ganbert.data import adni, grid, loader, phantom, preprocess, shards, splits, stats
-from ganbert.data.nifti import read_volume, stack_frames
+from ganbert.ingest import adni, phantom
+from ganbert.prep import grid, preprocess
+from ganbert.store import loader, shards, splits, stats
+from ganbert.ingest.nifti import read_volume, stack_frames
 
 
 def _digests(folder: Path) -> dict[str, str]:

@@ -10,8 +10,9 @@ import pytest
 from nibabel.testing import data_path
 
 from ganbert.config import GeometryConfig, tiny
-from ganbert.data import grid, stats
-from ganbert.data.nifti import VolumeError, read_volume
+from ganbert.prep import grid
+from ganbert.store import stats
+from ganbert.ingest.nifti import VolumeError, read_volume
 
 EXAMPLES = Path(data_path)
 THREE_D = ["anatomical.nii", "reoriented_anat_moved.nii", "standard.nii.gz"]

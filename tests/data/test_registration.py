@@ -9,7 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ganbert.data import loader, phantom, preprocess, registration
+from ganbert.store import loader
+from ganbert.ingest import phantom
+from ganbert.prep import preprocess, registration
 
 
 @pytest.fixture(scope="module")

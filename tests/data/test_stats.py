@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ganbert import config
-from ganbert.data import loader, shards, stats
-from ganbert.sequence import Vocabulary
+from ganbert.store import loader, shards, stats
+from ganbert.models.sequence import Vocabulary
 
 
 def test_preprocess_records_train_stats_per_tracer(tiny_run) -> None:

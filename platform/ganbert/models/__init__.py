@@ -10,7 +10,7 @@ from ganbert.config import Config
 from ganbert.models.bert_disc import BertDiscriminator
 from ganbert.models.cnn_disc import PatchGAN3D
 from ganbert.models.unet3d import UNet3D
-from ganbert.sequence import Vocabulary
+from ganbert.models.sequence import Vocabulary
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ganbert.sequence import summarise
+from ganbert.models.sequence import summarise
 
 Shape3 = tuple[int, int, int]
 Ratio3 = tuple[float, float, float]

@@ -13,7 +13,7 @@ from torch import nn
 
 from ganbert import config as config_mod
 from ganbert.config import Config
-from ganbert.model_files import CONFIG_FILE, GENERATOR_FILE, OPTIM_FILE, STATE_FILE, network_file
+from ganbert.models.saved import CONFIG_FILE, GENERATOR_FILE, OPTIM_FILE, STATE_FILE, network_file
 from ganbert.models import Networks, build_generator
 from ganbert.train.step import Optimisers, unwrap
 

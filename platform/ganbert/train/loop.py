@@ -23,17 +23,17 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ganbert import home
+from ganbert.common import home
 from ganbert.config import Config, from_dict
-from ganbert.data import folds, loader, stats
-from ganbert.data.folds import Fold
-from ganbert.data.part import Part
-from ganbert.evaluate import validate
-from ganbert.model_card import write_model_card
-from ganbert.model_files import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
+from ganbert.store import folds, loader, stats
+from ganbert.store.folds import Fold
+from ganbert.store.part import Part
+from ganbert.scoring.evaluate import validate
+from ganbert.track.model_card import write_model_card
+from ganbert.models.saved import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
 from ganbert.models import Networks, build_networks
-from ganbert.raysession import ensure_ray
-from ganbert.tracking import MLflowTracker, Tracker, end_open_run, make_tracker
+from ganbert.common.raysession import ensure_ray
+from ganbert.track.tracking import MLflowTracker, Tracker, end_open_run, make_tracker
 from ganbert.train.checkpoint import load_generator, load_state, save_model_dir, save_state
 from ganbert.train.device import place_networks
 from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch, unwrap
@@ -399,7 +399,7 @@ def data_dir_for(cfg: Config, data: str | None) -> str:
     """`--data`, else a phantom cohort of the config's geometry built and cached on first use."""
     if data:
         return home.resolve(data)
-    from ganbert.data.phantom_cache import ensure_phantom
+    from ganbert.prep.phantom_cache import ensure_phantom
     return str(ensure_phantom(cfg, home.home() / "cache"))
 
 

@@ -53,7 +53,7 @@ def overhead_figures(cfg: Config, data_dir: str) -> dict[str, float]:
     """Train `cfg` once from scratch in a temporary storage and MLflow store; return `breakdown`."""
     import ray
 
-    from ganbert.raysession import ensure_ray
+    from ganbert.common.raysession import ensure_ray
     from ganbert.train.loop import fit
 
     if ray.is_initialized():

@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ganbert.config import Config
-from ganbert.metrics import normalise_mri, normalise_pet
+from ganbert.scoring.metrics import normalise_mri, normalise_pet
 from ganbert.models import Networks
-from ganbert.sequence import (Sequence, Vocabulary, build_sequence, mask_positions, mask_sequence,
-                              summarise)
+from ganbert.models.sequence import Sequence, Vocabulary, build_sequence, mask_positions, mask_sequence, summarise
 
 LOSS_KEYS = ("l1", "nsp_d", "nsp_g", "mlm_d", "mlm_g", "cnn_d", "cnn_g", "nsp_acc")
 
