@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from ganbert import config
 from ganbert.models.saved import GENERATOR_FILE
 from ganbert.models import build_networks
-from ganbert.train.checkpoint import load_generator, save_model_dir, save_state
+from ganbert.models.saved import load_generator, save_model_dir
+from ganbert.train.checkpoint import save_state
 from ganbert.train.loop import training_state
 from ganbert.train.step import Batch, gan_step, make_optimisers
 

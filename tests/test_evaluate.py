@@ -18,7 +18,7 @@ from ganbert.scoring import metrics
 from ganbert.cli import main as cli_main
 from ganbert.ingest.phantom import LABEL
 from ganbert.scoring.biomarkers import NOTES_KEY, note_for
-from ganbert.scoring.evaluate import (BIOMARKER_KEYS, BIOMARKER_METRICS, POSITIVITY, REGIONAL_SUVR, SUBJECT_METRICS, brain_mask, geometry_of, positivity, subject_metrics, summarise)
+from ganbert.scoring.evaluate import (BIOMARKER_KEYS, BIOMARKER_METRICS, POSITIVITY, REGIONAL_SUVR, SUBJECT_METRICS, brain_mask, geometry_of, positivity, subject_metrics, aggregate_subjects)
 
 RNG = np.random.default_rng(7)
 
@@ -128,7 +128,7 @@ def test_subject_metrics_with_and_without_labels() -> None:
     flat, _ = _labelled(dict.fromkeys(truth, 1.0))  # uptake pattern lost: reads negative
     lost = subject_metrics(flat, real, mask, "AV45", labels.numpy().astype(np.uint8))
     assert lost["positive_fake"] == 0.0 and lost["positivity_agreement"] == 0.0 and lost["suvr_mape"] > 20
-    s = summarise([lab, lost])
+    s = aggregate_subjects([lab, lost])
     assert s["n"] == 2 and s["n_labelled"] == 2 and s["positivity_agreement"] == pytest.approx(0.5)
 
 
@@ -267,7 +267,7 @@ def test_brain_mask_prefers_the_column_and_falls_back_to_the_t1(tiny_shards: str
 
 def test_evaluate_cli_model_and_baseline(tiny_shards: str, tmp_path: Path) -> None:
     from ganbert.models import build_generator
-    from ganbert.train.checkpoint import save_model_dir
+    from ganbert.models.saved import save_model_dir
 
     torch.manual_seed(0)
     cfg = config_mod.tiny()
@@ -339,7 +339,7 @@ def test_evaluate_takes_preset_config_and_overrides_like_every_command(tiny_shar
 def test_a_checkpoint_given_as_a_uri_is_loaded(tmp_path: Path) -> None:
     from ganbert.models import build_generator
     from ganbert.experiments.study import load_checkpoint
-    from ganbert.train.checkpoint import save_model_dir
+    from ganbert.models.saved import save_model_dir
 
     cfg = config_mod.tiny()
     generator = build_generator(cfg)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
-from ganbert.scoring.metrics import (PAPER_RANGE, clip_paper, evaluate, mri_stats, normalise_mri, normalise_pet, psnr, restore_pet, rmse, ssim3d, ssim_window)
+from ganbert.models.intensity import mri_stats, normalise_mri, normalise_pet, restore_pet
+from ganbert.scoring.metrics import PAPER_RANGE, clip_paper, evaluate, psnr, rmse, ssim3d, ssim_window
 
 SHAPE = (2, 2, 16, 14, 13)
 TOL = 1e-4

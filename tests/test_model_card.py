@@ -15,7 +15,7 @@ from ganbert.track import model_card
 from ganbert.store import shards
 from ganbert.models.saved import CARD_FILE, METADATA_FILE, STATE_FILE
 from ganbert.models import build_generator
-from ganbert.train.checkpoint import save_model_dir
+from ganbert.models.saved import save_model_dir
 
 METRICS = {"split": "test", "n": 8, "source": "ganbert study s, ensemble of 5 folds",
            "values": {"psnr": {"mean": 21.25, "ci95": [20.5, 22.0]}, "ssim": {"mean": 0.71, "ci95": None}}}

@@ -222,7 +222,7 @@ def test_init_output_with_the_mean_pet_volume_starts_at_that_volume() -> None:
 def test_channels_last_placement_converts_the_conv_weights_and_keeps_the_4d_output_offset() -> None:
     """`optim.channels_last` (the paper preset's default): 3D conv weights in channels_last_3d, the generator's
     4-D output offset buffer as it was (`Module.to(memory_format=channels_last_3d)` raised on it), same outputs."""
-    from ganbert.train.device import place_networks
+    from ganbert.models.saved import place_networks
 
     cfg = tiny(**{"model.method": "ganbert-cnnd", "optim.channels_last": True})
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from ganbert import cli, config
 from ganbert.serve import reference
 from ganbert.ingest import adni, phantom
 from ganbert.models import build_generator
-from ganbert.train.checkpoint import save_model_dir
+from ganbert.models.saved import save_model_dir
 
 
 @pytest.fixture(scope="module")

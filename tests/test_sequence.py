@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ganbert.config import SequenceConfig
-from ganbert.models.sequence import (IGNORE_INDEX, SPECIALS, Vocabulary, build_sequence, calibrated_range, mask_positions, mask_sequence, quantise, straight_through_embed, summarise, value_ids)
+from ganbert.models.sequence import (IGNORE_INDEX, SPECIALS, Vocabulary, build_sequence, mask_positions, mask_sequence, quantise, straight_through_embed, summarise, value_ids)
+from ganbert.models.tokens import summary_range
 
 PAPER = {"scheme": "paper"}
 
@@ -83,9 +84,9 @@ def test_uncalibrated_monotonic_vocabulary_names_the_field() -> None:
     Vocabulary(SequenceConfig(**PAPER))  # the paper scheme needs no calibration
 
 
-def test_calibrated_range_widens_the_quantiles() -> None:
-    assert calibrated_range({"q0.001": -1.0, "q0.999": 9.0}) == pytest.approx((-2.0, 10.0))
-    assert calibrated_range({"q0.001": 4.0, "q0.999": 4.0}, margin=0.0) == (4.0, 5.0)
+def test_summary_range_widens_the_quantiles() -> None:
+    assert summary_range({"q0.001": -1.0, "q0.999": 9.0}) == pytest.approx((-2.0, 10.0))
+    assert summary_range({"q0.001": 4.0, "q0.999": 4.0}, margin=0.0) == (4.0, 5.0)
 
 
 def test_token_health_counts_collisions_clips_and_distinct_ids() -> None:

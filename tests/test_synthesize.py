@@ -23,7 +23,7 @@ from ganbert.serve import synthesize as syn
 from ganbert.config import Config
 from ganbert.prep.grid import conform_mri, fov_centre, pet_affine
 from ganbert.models import build_generator
-from ganbert.train.checkpoint import load_generator, save_model_dir
+from ganbert.models.saved import load_generator, save_model_dir
 
 SECRET = "PATIENT NAME 123"
 
@@ -392,7 +392,7 @@ def test_phantom_t1_gets_pet_qc_json_picture_and_the_model_card_line(phantom_t1:
 
 def _members_by_hand(generators: list[torch.nn.Module], mri: np.ndarray) -> np.ndarray:
     """Each generator on the MRI and on its left-right mirror (array axis 0 of the RAS cube), mirrored back."""
-    from ganbert.scoring.metrics import mri_stats, normalise_mri, restore_pet
+    from ganbert.models.intensity import mri_stats, normalise_mri, restore_pet
 
     x = torch.from_numpy(mri)[None, None]
     mean, std = mri_stats(x)

@@ -218,7 +218,7 @@ def test_model_on_server_downloads_identical(mlflow_server: str, tmp_path: Path)
 def test_pyfunc_predict_matches_generator(tmp_path: Path) -> None:
     import mlflow.pyfunc
 
-    from ganbert.scoring.metrics import mri_stats, normalise_mri, restore_pet
+    from ganbert.models.intensity import mri_stats, normalise_mri, restore_pet
     from ganbert.models import build_generator
 
     cfg = config_mod.tiny()

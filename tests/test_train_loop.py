@@ -172,7 +172,7 @@ def test_run_inputs_come_from_the_manifest_without_reading_training_rows(tiny_sh
     cfg, loop_cfg = loop.loop_config(config.tiny(), tiny_shards, "sqlite:///unused.db")
     assert reads == ["val"]  # the val split's token health; the training statistics are the manifest's
     recorded = shards.read_manifest(tiny_shards)[stats.KEY]["AV45"]
-    assert cfg.calibrated and loop_cfg["pet_stats"][1] == recorded["pet_std"]
+    assert cfg.token_space_fixed and loop_cfg["pet_stats"][1] == recorded["pet_std"]
     assert loop_cfg["pet_stats"][0].shape == (2, 14, 12, 12)
     assert loop_cfg["steps_per_epoch"] == loop.steps_per_epoch(cfg, count_rows(tiny_shards, "train", "AV45"))
     assert set(loop_cfg["token_health"]) == {f"token_{s}_{k}" for s in ("mri", "pet")

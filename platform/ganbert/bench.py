@@ -20,7 +20,7 @@ from ganbert import config as config_mod
 from ganbert.common.atomic import write_text
 from ganbert.config import Config
 from ganbert.models import METHODS, build_networks
-from ganbert.train.device import pick_device, place_networks
+from ganbert.models.saved import pick_device, place_networks
 from ganbert.train.step import Batch, gan_step, make_optimisers, seed_everything
 
 BENCHMARKS = Path("BENCHMARKS.md")
@@ -49,7 +49,7 @@ def isolated_step_figures(cfg: Config, steps: int, device: torch.device) -> dict
 
 def random_data_config(cfg: Config) -> Config:
     """`cfg` with a token space for N(0, 1) random data (`random_micro_batches`) unless it has one."""
-    if cfg.calibrated:
+    if cfg.token_space_fixed:
         return cfg
     return config_mod.apply(cfg, {"sequence.mri_range": (-4.0, 4.0), "sequence.pet_range": (-4.0, 4.0)})
 
@@ -121,17 +121,20 @@ def bench_tokens(cfg: Config, data_dir: str) -> list[str]:
     distinct value ids they use (of `sequence.vocab_values`).
     """
     from ganbert.store import shards
-    from ganbert.store.stats import calibrated, token_health
+    from ganbert.models.tokens import calibrate_token_space, token_health
+    from ganbert.store.stats import for_run, split_summaries
 
     lines = ["| tracer | scheme | MRI collide/clip | PET collide/clip | MRI distinct ids | PET distinct ids |",
              "| --- | --- | --- | --- | --- | --- |"]
     tracers = sorted({s["tracer"] for s in shards.read_manifest(data_dir)["shards"]})
     for tracer in tracers:
         base = config_mod.apply(cfg, {"geometry.tracer": tracer})
+        calibrated = calibrate_token_space(base, for_run(data_dir, tracer, base.sequence.length))
+        summaries = split_summaries(data_dir, "val", tracer, base.sequence.length)
         for name, run_cfg in (("paper, s=1000", config_mod.apply(base, {"sequence.scheme": "paper",
                                                                        "sequence.scale": 1000.0})),
-                              ("monotonic, calibrated (default)", calibrated(base, data_dir)[0])):
-            h = token_health(run_cfg, data_dir)
+                              ("monotonic, calibrated (default)", calibrated)):
+            h = token_health(run_cfg, summaries)
             lines.append(f"| {tracer} | {name} | {h['token_mri_collide_or_clip']:.1%} | "
                          f"{h['token_pet_collide_or_clip']:.1%} | {h['token_mri_distinct']:.0f} | "
                          f"{h['token_pet_distinct']:.0f} |")
@@ -239,7 +242,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         print("\n".join(lines))
         return 0
     if args.what == "tokens":
-        from ganbert.train.loop import data_dir_for
+        from ganbert.prep.phantom_cache import data_dir_for
         data_dir = data_dir_for(cfg, args.data)
         lines = [f"Command: `ganbert bench tokens --preset {cfg.preset}" + (" --data DIR`" if args.data else
                                                                              "` (the cached phantom cohort)")
@@ -251,7 +254,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     if args.what == "loader":
         from ganbert.common.raysession import ensure_ray
-        from ganbert.train.loop import data_dir_for
+        from ganbert.prep.phantom_cache import data_dir_for
 
         ensure_ray()
         figures = loader_figures(cfg, data_dir_for(cfg, getattr(args, "data", None)))

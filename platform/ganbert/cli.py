@@ -46,8 +46,12 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ganbert.common.raysession import ensure_ray
+    from ganbert.prep.phantom_cache import data_dir_for
     from ganbert.train import loop
-    return loop.main(args, load_config(args))
+    cfg = load_config(args)
+    ensure_ray(dashboard=True)  # before the phantom may be built, as `ganbert train` always started it
+    return loop.main(args, cfg, data_dir_for(cfg, args.data))
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -79,8 +83,10 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "overhead":
+        from ganbert.prep.phantom_cache import data_dir_for
         from ganbert.train import overhead
-        return overhead.main(args, load_config(args))
+        cfg = load_config(args)
+        return overhead.main(args, cfg, data_dir_for(cfg, args.data))  # built (and cached) before the clock starts
     from ganbert import bench
     return bench.main(args, load_config(args))
 

@@ -174,7 +174,7 @@ class Config:
         return int(math.log2(self.geometry.mri_size[0] // self.mri_grid[0]))
 
     @property
-    def calibrated(self) -> bool:
+    def token_space_fixed(self) -> bool:
         """Whether the token space is fixed: the paper scheme, or monotonic with both ranges set."""
         s = self.sequence
         return s.scheme == "paper" or ((0.0, 0.0) not in (tuple(s.mri_range), tuple(s.pet_range)))

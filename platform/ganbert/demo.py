@@ -25,7 +25,7 @@ from ganbert.common.raysession import ensure_ray
 from ganbert.serve.synthesize import load_members, synthesize_file
 from ganbert.track.tracking import set_runs_view
 from ganbert.train import loop
-from ganbert.train.checkpoint import load_generator
+from ganbert.models.saved import load_generator
 
 
 class Clock:

@@ -24,8 +24,9 @@ from ganbert.bench import peak_memory, random_data_config, random_micro_batches,
 from ganbert.config import Config
 from ganbert.models import Networks, build_generator, build_networks
 from ganbert.train.checkpoint import load_state, save_state
-from ganbert.train.device import place_networks
-from ganbert.train.step import Optimisers, gan_step, make_optimisers, seed_everything, unwrap
+from ganbert.models.saved import place_networks
+from ganbert.train.step import Optimisers, gan_step, make_optimisers, seed_everything
+from ganbert.models.saved import unwrap
 
 GOAL_SAMPLES_PER_S = 8.0  # per GPU, `paper` preset, fast settings
 GOAL_SPEEDUP = 1.5  # fast over plain fp32

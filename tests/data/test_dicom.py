@@ -172,7 +172,7 @@ def test_synthesize_reads_a_dicom_series(tmp_path: Path) -> None:
 
     from ganbert import cli, config
     from ganbert.models import build_generator
-    from ganbert.train.checkpoint import save_model_dir
+    from ganbert.models.saved import save_model_dir
 
     torch.manual_seed(0)
     cfg = config.tiny()

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ganbert.config import demo
+from ganbert.models import intensity
 from ganbert.ingest import adni, phantom
 from ganbert.prep import grid, preprocess
-from ganbert.store import loader, shards, splits, stats
+from ganbert.store import loader, shards, splits
 from ganbert.ingest.nifti import read_volume, stack_frames
 
 
@@ -53,7 +54,7 @@ def test_values_round_trip(tiny_run) -> None:
         assert row["mri"].dtype == np.uint8 and row["mri"].shape == (1, *geometry.mri_size)
         np.testing.assert_array_equal(row["mri"][0], mri)
         np.testing.assert_array_equal(row["mri_affine"], affine)
-        assert (row["mri_mean"], row["mri_std"]) == stats.mri_stats(mri)
+        assert (row["mri_mean"], row["mri_std"]) == intensity.uint8_mri_stats(mri)
         pet_vol = stack_frames([read_volume(tiny_run.raw / s["path"]) for s in rec["sources"]["pet"]])
         # the PET as registered to its T1 (the transform the manifest records, rounded to 1e-6)
         moved = np.linalg.inv(np.asarray(rec["registration"]["fixed_to_moving"]).reshape(4, 4)) @ pet_vol.affine

@@ -11,7 +11,7 @@ from nibabel.testing import data_path
 
 from ganbert.config import GeometryConfig, tiny
 from ganbert.prep import grid
-from ganbert.store import stats
+from ganbert.models import intensity
 from ganbert.ingest.nifti import VolumeError, read_volume
 
 EXAMPLES = Path(data_path)
@@ -120,10 +120,10 @@ def test_group_frames_averages_contiguous_groups() -> None:
 
 def test_mri_stats_are_population_stats_over_all_voxels() -> None:
     arr = np.arange(256, dtype=np.uint8).reshape(4, 4, 16)
-    mean, std = stats.mri_stats(arr)
+    mean, std = intensity.uint8_mri_stats(arr)
     assert (mean, std) == (127.5, float(np.std(np.arange(256.0))))
     with pytest.raises(ValueError, match="uint8"):
-        stats.mri_stats(arr.astype(np.float32))
+        intensity.uint8_mri_stats(arr.astype(np.float32))
 
 
 @pytest.mark.parametrize("bad, reason", [

@@ -8,6 +8,7 @@ import torch
 
 from ganbert import config
 from ganbert.store import loader, shards, stats
+from ganbert.models import tokens
 from ganbert.models.sequence import Vocabulary
 
 
@@ -43,8 +44,8 @@ def test_for_run_reads_the_manifest_or_computes_another_length(tiny_run) -> None
 def test_calibrated_token_space_keeps_real_summaries_healthy(tiny_run) -> None:
     """At the defaults, under 5% of real MRI and PET summary values clip; the paper's s=1000 wraps most PET."""
     base = config.tiny()
-    cfg = stats.calibrate(base, stats.for_run(tiny_run.out, "AV45", 64))
-    assert cfg.calibrated and not base.calibrated
+    cfg = tokens.calibrate_token_space(base, stats.for_run(tiny_run.out, "AV45", 64))
+    assert cfg.token_space_fixed and not base.token_space_fixed
     vocab, paper = Vocabulary(cfg.sequence), Vocabulary(config.apply(base, {"sequence.scheme": "paper"}).sequence)
     rows = list(loader.read_rows(tiny_run.out, "val", "AV45")) + list(loader.read_rows(tiny_run.out, "test", "AV45"))
     for seg, index in (("mri", 0), ("pet", 1)):
@@ -57,5 +58,5 @@ def test_calibrated_token_space_keeps_real_summaries_healthy(tiny_run) -> None:
 
 def test_calibrate_keeps_ranges_the_user_set(tiny_run) -> None:
     found = stats.for_run(tiny_run.out, "AV45", 64)
-    cfg = stats.calibrate(config.apply(config.tiny(), {"sequence.pet_range": (0.0, 500.0)}), found)
+    cfg = tokens.calibrate_token_space(config.apply(config.tiny(), {"sequence.pet_range": (0.0, 500.0)}), found)
     assert cfg.sequence.pet_range == (0.0, 500.0) and cfg.sequence.mri_range != (0.0, 0.0)

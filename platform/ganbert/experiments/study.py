@@ -46,7 +46,7 @@ from ganbert.store import folds as folds_mod
 from ganbert.store.folds import Fold
 from ganbert.store.part import Part
 from ganbert.store.shards import SPLITS
-from ganbert.scoring.evaluate import (BASELINES, METRICS, SUBJECT_METRICS, Predictor, check_out, generator_predictor, iter_subjects, mean_pet, predict_row, summarise)
+from ganbert.scoring.evaluate import (BASELINES, METRICS, SUBJECT_METRICS, Predictor, check_out, generator_predictor, iter_subjects, mean_pet, predict_row, aggregate_subjects)
 
 STUDY_TAG = "ganbert.experiments.study"
 ROW_TAG = "ganbert.row"
@@ -62,7 +62,7 @@ PAIRED_METRICS: dict[str, bool] = {
     "centiloid_abs_error": False, "braak_abs_error": False, "metaroi_abs_pct_error": False}
 SHOWN = ("psnr", "ssim", "rmse", "psnr_rel", "ssim_rel", "wasserstein", "suvr_mape", "centiloid_abs_error",
          "braak_abs_error", "metaroi_abs_pct_error")  # in study.md
-# Agreement of the generated with the real read over a row's subjects (evaluate.summarise, module biomarkers).
+# Agreement of the generated with the real read over a row's subjects (evaluate.aggregate_subjects, module biomarkers).
 AGREEMENT = (("centiloid.icc21", "Centiloid ICC"), ("centiloid.ba_bias", "Centiloid bias"),
              ("positivity.kappa", "positivity kappa"), ("positivity.sensitivity", "sensitivity"),
              ("positivity.specificity", "specificity"), ("braak.weighted_kappa_quadratic", "Braak kappa (quadratic)"),
@@ -211,7 +211,7 @@ def trial_config(base: Config, row: StudyRow, tracer: str, seed: int, study: str
 
 def load_checkpoint(path: str) -> nn.Module:
     """The generator (eval mode, CPU) of a checkpoint or model folder at a path or URI (downloaded first)."""
-    from ganbert.train.checkpoint import load_generator
+    from ganbert.models.saved import load_generator
 
     if not home.is_uri(path):
         return load_generator(Path(path))[0]
@@ -640,10 +640,10 @@ def record_on_cards(plan: Plan, cells: list[Cell], summaries: dict[str, Any]) ->
 
 
 def agreement(records: list[dict[str, Any]], set_name: str, tracer: str, row: str) -> dict[str, Any]:
-    """The biomarker agreement (`evaluate.summarise`'s keys) of a row's first seed over the subjects of a set."""
+    """The biomarker agreement (`evaluate.aggregate_subjects`'s keys) of a row's first seed over the subjects of a set."""
     mine = [r for r in records if (r["set"], r["tracer"], r["row"]) == (set_name, tracer, row)]
     first = [r for r in mine if r["seed"] == mine[0]["seed"]] if mine else []
-    found = summarise([{k: (float("nan") if v is None else v) for k, v in r.items()} for r in first], tracer)
+    found = aggregate_subjects([{k: (float("nan") if v is None else v) for k, v in r.items()} for r in first], tracer)
     return {k: found.get(k) for k, _ in AGREEMENT}
 
 
@@ -752,7 +752,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     from ganbert.store import loader
     from ganbert.common.raysession import ensure_ray
     from ganbert.track.tracking import set_runs_view
-    from ganbert.train.loop import data_dir_for
+    from ganbert.prep.phantom_cache import data_dir_for
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars between [study] lines
     study = load_study(args.space, cfg)

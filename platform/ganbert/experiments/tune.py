@@ -20,7 +20,8 @@ from ganbert.common import home
 from ganbert.experiments.search_space import BUNDLE_KEY, load_space, trial_overrides
 from ganbert.track.tracking import MLflowTracker, end_open_run, find_run, link_model, set_runs_view
 from ganbert.common.raysession import ensure_ray
-from ganbert.train.loop import data_dir_for, fit
+from ganbert.prep.phantom_cache import data_dir_for
+from ganbert.train.loop import fit
 
 
 def trial_config(base: Config, swept: dict[str, Any], sweep: str, trial_id: str) -> Config:

@@ -68,18 +68,6 @@ def quantise(values: Tensor, scale: float = 1000.0, scheme: str = "paper", low: 
     return value_ids(torch.round(scaled(values, scale, low)), scheme, **kwargs)
 
 
-def calibrated_range(quantiles: dict[str, float], margin: float = 0.1) -> tuple[float, float]:
-    """Summary-value range mapped onto the ids: the 0.1..99.9 % quantiles widened by `margin` of their span.
-
-    `quantiles` has keys "q0.001" and "q0.999" (as `data/stats.py` records them in the manifest).
-    """
-    lo, hi = float(quantiles["q0.001"]), float(quantiles["q0.999"])
-    if not hi > lo:
-        hi = lo + 1.0
-    pad = margin * (hi - lo)
-    return lo - pad, hi + pad
-
-
 @dataclass(frozen=True)
 class Vocabulary:
     """Token ids: value ids plus [PAD] [CLS] [SEP] [MASK] [UNK] that no value maps to.

@@ -29,7 +29,7 @@ from ganbert.prep import brainmask, registration
 from ganbert.store import shards
 from ganbert.prep.grid import conform_array, pet_affine, resample_pet
 from ganbert.ingest.nifti import Volume, VolumeError, read_volume, stack_frames
-from ganbert.store.stats import mri_stats
+from ganbert.models.intensity import uint8_mri_stats
 
 
 def _read_pet(paths: Sequence[Path]) -> Volume:
@@ -101,7 +101,7 @@ def process_pair(job: dict[str, Any], root: Path, geometry: GeometryConfig) -> d
     except (VolumeError, ValueError, OSError) as err:
         return {"error": f"ground-truth labels: {message(err, root)}", "file": f"truth/{job['subject']}_regions.nii.gz",
                 "which": "pair"}
-    mean, std = mri_stats(mri)
+    mean, std = uint8_mri_stats(mri)
     sources = {"mri": [_source(root, mri_rel)], "pet": [_source(root, p) for p in pet_rels]}
     stats = {"mri_mean": mean, "mri_std": std, "mri_input_p0.1": lo, "mri_input_p99.9": hi,
              "pet_min": float(pet.min()), "pet_max": float(pet.max()), "pet_mean": float(pet.mean(dtype=np.float64))}

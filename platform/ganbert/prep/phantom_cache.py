@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from ganbert.common import home
 from ganbert.common.atomic import write_text
 from ganbert.config import TRACERS, Config, GeometryConfig
 from ganbert.ingest import phantom
@@ -53,3 +54,10 @@ def ensure_phantom(cfg: Config, cache_root: Path, subjects: int = 12, seed: int 
             raise ValueError(f"phantom cohort {raw}: {summary['rejected']} inputs rejected (see {out / 'rejected.csv'})")
         write_text(done, json.dumps(summary, sort_keys=True) + "\n")
     return out
+
+
+def data_dir_for(cfg: Config, data: str | None) -> str:
+    """`--data`, else a phantom cohort of the config's geometry built and cached on first use."""
+    if data:
+        return home.resolve(data)
+    return str(ensure_phantom(cfg, home.home() / "cache"))

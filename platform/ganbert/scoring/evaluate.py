@@ -14,6 +14,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from ganbert.models import intensity
 from ganbert.scoring import biomarkers, metrics
 from ganbert.common import home
 from ganbert.common.atomic import write_csv, write_text
@@ -108,8 +109,8 @@ def predict_row(generator: nn.Module, row: dict[str, Any], device: torch.device 
     mean = torch.tensor([float(row["mri_mean"])], dtype=torch.float32, device=device)
     std = torch.tensor([float(row["mri_std"])], dtype=torch.float32, device=device)
     with torch.no_grad():
-        out = generator(metrics.normalise_mri(mri, mean, std)).float()
-    return metrics.restore_pet(out, mean, std)[0]
+        out = generator(intensity.normalise_mri(mri, mean, std)).float()
+    return intensity.restore_pet(out, mean, std)[0]
 
 
 def generator_predictor(generator: nn.Module, device: torch.device | str = "cpu") -> Predictor:
@@ -331,7 +332,7 @@ def _finite(value: Any) -> bool:
     return value is not None and math.isfinite(float(value))
 
 
-def summarise(subjects: list[dict[str, Any]], tracer: str | None = None) -> dict[str, Any]:
+def aggregate_subjects(subjects: list[dict[str, Any]], tracer: str | None = None) -> dict[str, Any]:
     """{"n": subjects, metric: mean over subjects with a finite value (null if none)} for every metric, plus the
     biomarker agreement over the labelled subjects (`biomarkers.summary`: BIOMARKER_KEYS and NOTES_KEY; tracer:
     the subjects' own when not given)."""
@@ -359,11 +360,11 @@ def evaluate_split(predict: Predictor, data_dir: str, split: str | Part, tracer:
             write_figures(row, real, fake, figures)
     if not subjects:
         raise ValueError(f"{as_part(split).describe()}: no rows for tracer {tracer} in {data_dir}")
-    return Evaluation(subjects, summarise(subjects))
+    return Evaluation(subjects, aggregate_subjects(subjects))
 
 
 @torch.no_grad()
-def validate(generator: nn.Module, data_dir: str, tracer: str, device: torch.device,
+def validate_generator(generator: nn.Module, data_dir: str, tracer: str, device: torch.device,
              figures: Path | None = None, split: str | Part = "val") -> dict[str, float]:
     """Mean PSNR/SSIM/RMSE of a split or Part (restored PET units, paper range) and on [0,1], keys `<name>_psnr` ...
 
@@ -443,7 +444,7 @@ def main(args: argparse.Namespace, cfg: Config | None = None, explicit: set[str]
     tracer and `run.experiment` the MLflow experiment when set explicitly (--tracer / --experiment win).
     """
     from ganbert.track.mlflow_model import load_model
-    from ganbert.train.device import pick_device
+    from ganbert.models.saved import pick_device
 
     explicit = explicit or set()
     if bool(args.model) == bool(args.baseline):

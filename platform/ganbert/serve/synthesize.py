@@ -7,7 +7,7 @@ What a synthesised file is:
 - The T1 is conformed exactly as training did (`data.grid.conform_mri`: RAS cube of geometry.mri_size,
   centred on the input's field of view, percentiles to 0..255 uint8), normalised with its own mean and std,
   run through every member (each `--model`, and its left-right mirrored input with `--tta`) and restored to PET
-  units with the same MRI statistics (`metrics.restore_pet`); the output is the members' mean (`ensemble`).
+  units with the same MRI statistics (`intensity.restore_pet`); the output is the members' mean (`ensemble`).
 - The output array is float32 (d, h, w, T): geometry.pet_size voxels of geometry.pet_voxel_mm and
   geometry.pet_frames frames. Its affine is `grid.pet_affine` of the conformed MRI affine: RAS axes,
   centred on the same world point as the input's field of view, so it overlays the input T1 in any viewer.
@@ -103,7 +103,7 @@ def load_members(models: Sequence[str], tracking_uri: str | None = None, tta: bo
     cfg = ensemble.check_members([c for _, c, _ in loaded], list(models))
     cards = tuple(card_summary(meta) if meta else "no model card (a model published before model cards)"
                   for _, _, meta in loaded)
-    return Members(tuple(g for g, _, _ in loaded), tuple(models), cards, cfg, tta)
+    return Members(tuple(generator for generator, _, _ in loaded), tuple(models), cards, cfg, tta)
 
 
 # --- one volume -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Per row: mean and std of the stored uint8 MRI (shard columns `mri_mean`, `mri_st
 uses). Training split, in the manifest (`train_stats`): token calibration and the PET level.
 
 Per tracer: quantiles of the normalised MRI and PET summary values at one sequence length (the token space is
-calibrated from them, `sequence.calibrated_range`), the mean / std of the normalised PET voxels and the mean
+calibrated from them, `tokens.summary_range`), the mean / std of the normalised PET voxels and the mean
 PET volume (the generator's output init). `ganbert train` reads them from the manifest; only shards written before this
 existed, or a run at another `sequence.length`, compute them at start (one pass over the training split).
 """
@@ -22,25 +22,15 @@ import safetensors.numpy
 from safetensors.torch import save_file
 
 from ganbert.common import home
-from ganbert.config import TRACERS, Config, apply
+from ganbert.config import TRACERS
 from ganbert.store import loader, shards
 from ganbert.store.part import Part
-from ganbert.scoring.metrics import normalise_mri, normalise_pet
-from ganbert.models.sequence import Vocabulary, calibrated_range, summarise
+from ganbert.models.intensity import normalise_mri, normalise_pet
+from ganbert.models.sequence import summarise
 
 QUANTILES = (0.0, 0.001, 0.01, 0.5, 0.99, 0.999, 1.0)
 KEY = "train_stats"
 VOLUMES = "train_mean_pet.safetensors"
-
-
-def mri_stats(mri_uint8: np.ndarray) -> tuple[float, float]:
-    """Mean and population std (float64) over all voxels of a stored uint8 MRI (any shape)."""
-    arr = np.asarray(mri_uint8)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"mri_uint8 must be uint8, got {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError("mri_uint8 must not be empty")
-    return float(arr.mean(dtype=np.float64)), float(arr.std(dtype=np.float64))
 
 
 def row_summaries(row: dict[str, Any], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,22 +124,6 @@ def recorded_mean_volume(data_dir: Path | str, tracer: str) -> np.ndarray | None
     return volumes.get(tracer)
 
 
-def calibrate(cfg: Config, tracer_stats_: dict[str, Any]) -> Config:
-    """Fill `sequence.mri_range` / `pet_range` left at (0, 0) from the statistics (user-set ranges are kept)."""
-    s, updates = cfg.sequence, {}
-    for seg in ("mri", "pet"):
-        if tuple(getattr(s, f"{seg}_range")) == (0.0, 0.0):
-            updates[f"sequence.{seg}_range"] = calibrated_range(tracer_stats_[seg])
-    return apply(cfg, updates) if updates else cfg
-
-
-def calibrated(cfg: Config, data_dir: str, manifest: dict[str, Any] | None = None) -> tuple[Config, dict[str, Any]]:
-    """The run config with its token space calibrated from the training split, and the split's statistics
-    (`for_run`: from `manifest` when it holds them)."""
-    found = for_run(data_dir, cfg.geometry.tracer, cfg.sequence.length, manifest)
-    return calibrate(cfg, found), found
-
-
 def normalised_train_pet(data_dir: str, tracer: str, rows: int | None = None,
                          part: str | Part = "train") -> Iterator[torch.Tensor]:
     """The training PET volumes `(T, d, h, w)` of a tracer (first `rows`; of the training split or another Part),
@@ -163,20 +137,11 @@ def normalised_train_pet(data_dir: str, tracer: str, rows: int | None = None,
         raise ValueError(f"no training rows for tracer {tracer} in {data_dir}")
 
 
-def token_health(cfg: Config, data_dir: str, split: str | Part = "val") -> dict[str, float]:
-    """Token health of a split's real summaries under the run's (calibrated) token space, as MLflow metrics.
-
-    `token_{mri,pet}_collide_or_clip`: share of summary values whose ids collide (paper scheme) or clip
-    (monotonic); `token_{mri,pet}_distinct`: distinct value ids used.
-    """
-    vocab = Vocabulary(cfg.sequence)
+def split_summaries(data_dir: str, split: str | Part, tracer: str, length: int) -> dict[str, list[np.ndarray]]:
+    """`{"mri": [...], "pet": [...]}`: the real summaries (L,) of every row of a tracer's split, in row order."""
     parts: dict[str, list[np.ndarray]] = {"mri": [], "pet": []}
-    for row in loader.read_rows(data_dir, split, cfg.geometry.tracer):
-        mri, pet, _ = row_summaries(row, cfg.sequence.length)
+    for row in loader.read_rows(data_dir, split, tracer):
+        mri, pet, _ = row_summaries(row, length)
         parts["mri"].append(mri)
         parts["pet"].append(pet)
-    out = {}
-    for seg, values in parts.items():
-        for key, value in vocab.health(torch.from_numpy(np.concatenate(values)), seg).items():
-            out[f"token_{seg}_{key}"] = value
-    return out
+    return parts

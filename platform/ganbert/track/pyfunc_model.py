@@ -55,7 +55,7 @@ class GanbertGenerator(mlflow.pyfunc.PythonModel):
         """
         import torch
 
-        from ganbert.scoring.metrics import mri_stats, normalise_mri, restore_pet
+        from ganbert.models.intensity import mri_stats, normalise_mri, restore_pet
 
         mri = self._volumes(model_input)
         batch = int((params or {}).get("batch_size", 1))

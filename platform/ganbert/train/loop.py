@@ -28,15 +28,16 @@ from ganbert.config import Config, from_dict
 from ganbert.store import folds, loader, stats
 from ganbert.store.folds import Fold
 from ganbert.store.part import Part
-from ganbert.scoring.evaluate import validate
+from ganbert.scoring.evaluate import validate_generator
 from ganbert.track.model_card import write_model_card
 from ganbert.models.saved import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
-from ganbert.models import Networks, build_networks
+from ganbert.models import Networks, build_networks, tokens
 from ganbert.common.raysession import ensure_ray
 from ganbert.track.tracking import MLflowTracker, Tracker, end_open_run, make_tracker
-from ganbert.train.checkpoint import load_generator, load_state, save_model_dir, save_state
-from ganbert.train.device import place_networks
-from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch, unwrap
+from ganbert.models.saved import load_generator, save_model_dir, unwrap
+from ganbert.train.checkpoint import load_state, save_state
+from ganbert.models.saved import place_networks
+from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch
 
 FAULT_ENV = "GANBERT_FAULT_AT"  # "epoch:step:rank:marker-file": SIGKILL that worker once (failure tests)
 STOP_ENV = "GANBERT_STOP_AFTER_EPOCH"  # "N": stop cleanly after epoch N (checkpointed); rerunning continues at N + 1
@@ -264,7 +265,7 @@ def end_validated_epoch(cfg: Config, loop_cfg: dict[str, Any], nets: Networks, o
     figures = tmp / "figures"
     began = time.perf_counter()
     # the plain module: a DDP forward would sync buffers with ranks that are not validating
-    report.update(validate(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures, val))
+    report.update(validate_generator(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures, val))
     saving = time.perf_counter()
     keep = keeps(cfg, epoch, last, report["val_psnr"], best)
     best = best_after(report["val_psnr"], best)
@@ -304,11 +305,12 @@ def loop_config(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
     manifest = loader.checked_manifest(data_dir, (train_part, val_part), tracer, cfg.geometry)
     found = (folds.fold_stats(data_dir, fold, tracer, cfg.sequence.length) if fold is not None
              else stats.for_run(data_dir, tracer, cfg.sequence.length, manifest))
-    cfg = stats.calibrate(cfg, found)
+    cfg = tokens.calibrate_token_space(cfg, found)
+    health = tokens.token_health(cfg, stats.split_summaries(data_dir, val_part, tracer, cfg.sequence.length))
     return cfg, {"config": cfg.to_dict(), "data_dir": home.resolve(data_dir), "tracking_uri": tracking_uri,
                  "steps_per_epoch": steps_per_epoch(cfg, loader.rows_in(manifest, train_part, tracer)),
                  "pet_stats": (found["pet_mean_volume"], found["pet_std"]),
-                 "token_health": stats.token_health(cfg, data_dir, val_part),
+                 "token_health": health,
                  "fold": fold.to_dict() if fold is not None else None,
                  "in_memory": loader.fits_in_memory(manifest, train_part, tracer, cfg.geometry, cfg.run.in_memory_mb),
                  "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV),
@@ -395,17 +397,11 @@ def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainRe
                        model_dir=model_dir, seconds=seconds)
 
 
-def data_dir_for(cfg: Config, data: str | None) -> str:
-    """`--data`, else a phantom cohort of the config's geometry built and cached on first use."""
-    if data:
-        return home.resolve(data)
-    from ganbert.prep.phantom_cache import ensure_phantom
-    return str(ensure_phantom(cfg, home.home() / "cache"))
-
-
-def main(args: argparse.Namespace, cfg: Config) -> int:
+def main(args: argparse.Namespace, cfg: Config, data_dir: str) -> int:
+    """`ganbert train`: fit on the shards in `data_dir` (the CLI resolves `--data` or builds the phantom first)."""
+    if not data_dir:
+        raise ValueError("data_dir must name a shards folder")
     ensure_ray(dashboard=True)
-    data_dir = data_dir_for(cfg, args.data)
     tracking_uri = args.tracking_uri or home.default_tracking_uri()
     print(f"[train] run {cfg.run.name} ({cfg.model.method}, {cfg.geometry.tracer}, preset {cfg.preset}) on "
           f"{cfg.run.workers} worker(s); data {data_dir}; tracking {tracking_uri}", flush=True)
