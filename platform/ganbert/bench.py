@@ -19,7 +19,8 @@ import torch
 from ganbert import config as config_mod
 from ganbert.common.atomic import write_text
 from ganbert.config import Config
-from ganbert.models import METHODS, build_networks
+from ganbert.config import METHODS
+from ganbert.models import build_networks
 from ganbert.models.saved import pick_device, place_networks
 from ganbert.train.step import Batch, gan_step, make_optimisers, seed_everything
 
@@ -162,37 +163,23 @@ def write_section(title: str, lines: list[str], path: Path = BENCHMARKS) -> None
 
 
 def loader_figures(cfg: Config, data_dir: str, epochs: int = 2) -> dict[str, float]:
-    """Train-split rows/s, same run: the former loader (shard order + 16-row local shuffle) vs the per-epoch
-    permutation of the whole split (`loader.epoch_dataset`); also how far each moves rows between epochs."""
+    """Train-split rows/s of the loader training uses (the seeded per-epoch permutation of the whole split,
+    `loader.epoch_dataset`), and how far it moves rows between epochs."""
     import numpy as np
 
     from ganbert.store import loader
 
     tracer, b = cfg.geometry.tracer, cfg.optim.batch_size
-
-    def timed(batches: Iterator[dict]) -> tuple[list[str], float]:
+    orders, seconds = [], 0.0
+    for epoch in range(epochs):
         start = time.perf_counter()
-        ids = [i for batch in batches for i in batch["pet_image_id"]]
-        return ids, time.perf_counter() - start
-
-    out: dict[str, float] = {}
-    for name in ("before", "after"):
-        orders, seconds = [], 0.0
-        for epoch in range(epochs):
-            if name == "before":
-                ds = loader.legacy_read_split(data_dir, "train", tracer)
-                ids, t = timed(loader.torch_batches(ds, b, shuffle_seed=cfg.run.seed + epoch))
-            else:
-                ids, t = timed(loader.torch_batches(loader.epoch_dataset(data_dir, "train", tracer, cfg.run.seed,
-                                                                         epoch), b))
-            orders.append(ids)
-            seconds += t
-        rank = {i: k for k, i in enumerate(orders[0])}
-        moved = np.abs(np.array([rank[i] - k for k, i in enumerate(orders[1])], dtype=float))
-        out[f"{name}_rows_per_s"] = sum(len(o) for o in orders) / seconds
-        out[f"{name}_mean_displacement_rows"] = float(moved.mean())
-    out["rows"] = float(len(orders[0]))
-    return out
+        batches = loader.torch_batches(loader.epoch_dataset(data_dir, "train", tracer, cfg.run.seed, epoch), b)
+        orders.append([i for batch in batches for i in batch["pet_image_id"]])
+        seconds += time.perf_counter() - start
+    rank = {i: k for k, i in enumerate(orders[0])}
+    moved = np.abs(np.array([rank[i] - k for k, i in enumerate(orders[1])], dtype=float))
+    return {"rows_per_s": sum(len(o) for o in orders) / seconds, "mean_displacement_rows": float(moved.mean()),
+            "rows": float(len(orders[0]))}
 
 
 def phantom_t1(size: str) -> str:
@@ -258,8 +245,8 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
 
         ensure_ray()
         figures = loader_figures(cfg, data_dir_for(cfg, getattr(args, "data", None)))
-        print(f"bench loader: preset {cfg.preset}, tracer {cfg.geometry.tracer}, 2 epochs of the train split; "
-              "before = shard order + local shuffle buffer, after = seeded per-epoch permutation")
+        print(f"bench loader: preset {cfg.preset}, tracer {cfg.geometry.tracer}, 2 epochs of the train split "
+              "(the seeded per-epoch permutation)")
         print("\n".join(f"- {k}: {v:.2f}" for k, v in figures.items()))
         return 0
     if args.what == "preprocess":

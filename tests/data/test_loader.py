@@ -13,9 +13,11 @@ from ganbert.config import TRACERS, tiny
 from ganbert.store import loader, shards
 
 
-def _ids(data_dir: Path, split: str, seed: int | None, tracer: str | None = None, batch: int = 2) -> list[str]:
-    ds = loader.read_split(data_dir, split, tracer)
-    return [pid for b in loader.torch_batches(ds, batch, shuffle_seed=seed) for pid in b["pet_image_id"]]
+def _ids(data_dir: Path, split: str, seed: int | None, epoch: int = 0, batch: int = 2) -> list[str]:
+    """Row ids in the order training reads them: the split as stored (no seed) or an epoch's permutation."""
+    ds = (loader.read_split(data_dir, split) if seed is None
+          else loader.epoch_dataset(data_dir, split, None, seed, epoch))
+    return [pid for b in loader.torch_batches(ds, batch) for pid in b["pet_image_id"]]
 
 
 def test_batches_follow_the_contract(tiny_run) -> None:
@@ -45,13 +47,14 @@ def test_tracer_filter_and_counts(tiny_run) -> None:
         assert sum(map(len, per_tracer.values())) == loader.count_rows(tiny_run.out, split) > 0
 
 
-def test_order_is_fixed_by_the_seed(tiny_run) -> None:
+def test_order_is_fixed_by_the_seed_and_epoch(tiny_run) -> None:
     manifest_order = [r["pet_image_id"] for r in shards.read_manifest(tiny_run.out)["rows"] if r["split"] == "train"]
     assert _ids(tiny_run.out, "train", None) == manifest_order
     first = _ids(tiny_run.out, "train", 3)
     assert first == _ids(tiny_run.out, "train", 3)
     assert sorted(first) == sorted(manifest_order) and first != manifest_order
     assert _ids(tiny_run.out, "train", 4) != first
+    assert _ids(tiny_run.out, "train", 3, epoch=1) != first and _ids(tiny_run.out, "train", 3, epoch=0) == first
 
 
 def test_drop_last(tiny_run) -> None:
@@ -110,25 +113,25 @@ def test_ray_train_worker_reads_its_shard(tiny_run, tmp_path: Path) -> None:
     def loop(config: dict) -> None:
         import json
 
-        from ganbert.store.loader import torch_batches
+        from ganbert.store.loader import epoch_dataset, torch_batches
 
-        shard = ray.train.get_dataset_shard("train")
-        epochs = [[pid for b in torch_batches(shard, 2, shuffle_seed=e) for pid in b["pet_image_id"]] for e in (0, 1, 0)]
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        epochs = [[pid for b in torch_batches(epoch_dataset(config["data"], "train", "FDG", 7, e, rank, world), 2)
+                   for pid in b["pet_image_id"]] for e in (0, 1, 0)]
         Path(config["out"]).write_text(json.dumps(epochs))  # same machine; Train V2 keeps metrics with checkpoints
 
     out = tmp_path / "epochs.json"
     trainer = TorchTrainer(
-        loop, train_loop_config={"out": str(out)},
+        loop, train_loop_config={"out": str(out), "data": str(tiny_run.out)},
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-        datasets={"train": loader.read_split(tiny_run.out, "train", "FDG", tiny_run.cfg.geometry)},
-        dataset_config=loader.train_data_config(),
         run_config=ray.train.RunConfig(name="loader-shard", storage_path=str(tmp_path)))
     trainer.fit()
     epochs = json.loads(out.read_text())
     expected = sorted(r["pet_image_id"] for r in loader.read_rows(tiny_run.out, "train", "FDG"))
     assert len(expected) == 4
     assert sorted(epochs[0]) == expected and sorted(epochs[1]) == expected
-    assert epochs[0] == epochs[2]  # the seed fixes the order on the worker too
+    assert epochs[0] == epochs[2] != epochs[1]  # seed and epoch fix the order on the worker too
 
 
 def test_data_given_as_a_uri_reads_what_the_local_path_reads(tiny_run, tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if key not in best or row["psnr"] > best[key]["psnr"]:
             best[key] = row
     rows: list[dict[str, Any]] = []
-    for method in _order([k[0] for k in best], METHODS):
+    for method in _order([k[0] for k in best], tuple(METHODS)):
         for tracer in _order([k[1] for k in best if k[0] == method], TRACERS):
             rows.append({**best[(method, tracer)], "runs": counts[(method, tracer)]})
     return rows
@@ -150,7 +150,7 @@ def render_markdown(rows: list[dict[str, Any]], experiment: str, tracking_uri: s
                     studies: dict[str, list[dict[str, Any]]] | None = None) -> str:
     """report.md: this experiment's table, the runs behind it, test metrics where runs have them, and the
     paper's numbers as text (its PET units and ranges differ from the phantom's: no shared axis)."""
-    methods = _order([r["method"] for r in rows] + list(METHODS), METHODS)
+    methods = _order([r["method"] for r in rows] + list(METHODS), tuple(METHODS))
     tracers = _order([r["tracer"] for r in rows] + list(TRACERS), TRACERS)
     ours = {(r["method"], r["tracer"]): (_fmt(r["psnr"], 2), _fmt(r["ssim"], 3), _fmt(r["rmse"], 3),
                                          str(r["best_epoch"])) for r in rows}
@@ -209,7 +209,7 @@ def render_png(rows: list[dict[str, Any]], path: Path) -> Path:
 
     from ganbert.common.figures import save_png
 
-    methods = _order([r["method"] for r in rows] + list(METHODS), METHODS)
+    methods = _order([r["method"] for r in rows] + list(METHODS), tuple(METHODS))
     tracers = _order([r["tracer"] for r in rows] + list(TRACERS), TRACERS)
     psnr = {(r["method"], r["tracer"]): r["psnr"] for r in rows}
     fig = Figure(figsize=(9, 4.5))

@@ -230,25 +230,6 @@ class SplitRows:
             yield _to_torch(_numpy_batch(self.table.take(rows)))
 
 
-def legacy_read_split(data_dir: Path | str, split: str, tracer: str | None = None) -> Any:
-    """The former loader (read_parquet in shard order), kept only for `ganbert bench loader` comparisons."""
-    import ray
-
-    paths = shard_paths(data_dir, split, tracer)
-    return ray.data.read_parquet(paths, partitioning=None, shuffle=None,
-                                 override_num_blocks=len(paths), num_cpus=READ_CPUS)
-
-
-def train_data_config() -> Any:
-    """`ray.train.DataConfig` that keeps shard order deterministic for every worker (preserve_order)."""
-    import ray.train
-    from ray.data import ExecutionOptions
-
-    options = ExecutionOptions()
-    options.preserve_order = True
-    return ray.train.DataConfig(execution_options=options)
-
-
 def _tensor(values: np.ndarray, dtype: type) -> torch.Tensor:
     """A writable torch tensor owning its memory (Ray hands out read-only Arrow buffers)."""
     return torch.from_numpy(np.array(values, dtype=dtype, copy=True, order="C"))
@@ -271,14 +252,12 @@ def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
-def torch_batches(dataset_or_shard: Any, batch_size: int, shuffle_seed: int | None = None,
-                  drop_last: bool = False, shuffle_buffer: int | None = None) -> Iterator[dict[str, Any]]:
+def torch_batches(dataset_or_shard: Any, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, Any]]:
     """Stream torch batches from a Ray Dataset or a Ray Train `get_dataset_shard` DataIterator.
 
     Yields {"mri": uint8 (B, 1, D, H, W), "pet": float32 (B, T, d, h, w), "mri_mean"/"mri_std": float32 (B,),
     "mri_affine": float64 (B, 4, 4), "subject"/"pet_image_id"/"mri_image_id"/"tracer"/...: list[str]}.
-    `shuffle_seed` turns on a seeded local shuffle buffer (`shuffle_buffer` rows, default max(16, 4 * B)),
-    so memory stays bounded; the same seed over the same input gives the same order.
+    Rows come in the dataset's order: `epoch_dataset` is the seeded per-epoch permutation training reads.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -286,9 +265,6 @@ def torch_batches(dataset_or_shard: Any, batch_size: int, shuffle_seed: int | No
         raise ValueError(f"dataset_or_shard must be a Ray Dataset or DataIterator, got {type(dataset_or_shard).__name__}")
     kwargs: dict[str, Any] = {"batch_size": batch_size, "batch_format": "numpy", "drop_last": drop_last,
                               "prefetch_batches": 1}
-    if shuffle_seed is not None:
-        kwargs["local_shuffle_buffer_size"] = int(shuffle_buffer or max(16, 4 * batch_size))
-        kwargs["local_shuffle_seed"] = int(shuffle_seed)
     for batch in dataset_or_shard.iter_batches(**kwargs):
         yield _to_torch(batch)
 
