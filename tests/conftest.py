@@ -14,6 +14,9 @@ import pytest
 
 from ray_nodes import free_port
 
+# The data stages' fixtures (tiny phantom cohort, its shards, bad inputs): tests/ingest, tests/prep and tests/store use them.
+pytest_plugins = ["data_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

@@ -18,7 +18,7 @@ from ganbert.experiments import study as study_mod
 from ganbert.cli import main as cli_main
 from ganbert.store import folds, shards
 
-SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 def test_shipped_study_has_the_six_rows_on_three_tracers() -> None:

@@ -11,7 +11,7 @@ from ray.tune.search.variant_generator import generate_variants
 from ganbert import config as config_mod
 from ganbert.experiments.search_space import BUNDLE_KEY, SearchSpace, load_space, trial_overrides
 
-SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 EXPECTED_GRID = {"masking.yaml": 9, "pet_masking.yaml": 3, "lambdas.yaml": 6, "quantization.yaml": 4, "ablation.yaml": 12,
                  "balance.yaml": 8}
 

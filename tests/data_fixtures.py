@@ -1,4 +1,4 @@
-"""Data-layer fixtures: one tiny phantom cohort per session, its shards, and a corpus of bad inputs."""
+"""Data-stage fixtures (ingest, prep, store): one tiny phantom cohort per session, its shards, and a corpus of bad inputs."""
 
 from __future__ import annotations
 
