@@ -9,12 +9,13 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from ray_nodes import free_port
 
-# The data stages' fixtures (tiny phantom cohort, its shards, bad inputs): tests/ingest, tests/prep and tests/store use them.
+# The data stages' fixtures (tiny phantom cohort, shards, bad inputs) that tests/ingest, prep and store use.
 pytest_plugins = ["data_fixtures"]
 
 
@@ -92,8 +93,8 @@ def phantom_t1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, "Path"]:
     """
     from pathlib import Path
 
-    from ganbert.prep import qc
     from ganbert.ingest import adni, dicom, phantom
+    from ganbert.prep import qc
     from ganbert.serve.synthesize import _file_key
 
     raw = phantom.write_cohort(tmp_path_factory.mktemp("phantom_t1"), 1, ("AV45",), "tiny", 0)

@@ -1,4 +1,4 @@
-"""Data-stage fixtures (ingest, prep, store): one tiny phantom cohort per session, its shards, and a corpus of bad inputs."""
+"""Data-stage fixtures (ingest, prep, store): one tiny phantom cohort per session, its shards, and bad inputs."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def tiny_cfg() -> Config:
 
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 subjects (2 CN, 2 MCI, 2 AD), AV45/AV1451/FDG, tiny raw sizes, seed 0: 18 pairs, one FLAIR, one follow-up T1."""
+    """6 subjects (2 CN, 2 MCI, 2 AD), AV45/AV1451/FDG, tiny raw sizes, seed 0: 18 pairs, one FLAIR, one follow-up
+    T1."""
     return phantom.write_cohort(tmp_path_factory.mktemp("cohort") / "raw", 6, TRACERS, "tiny", 0)
 
 

@@ -74,7 +74,7 @@ def test_find_cycle_reports_one() -> None:
 
 
 def _folder(module: str) -> str | None:
-    """`ganbert.prep.pair` -> `prep`; a top-level module is its own node (`ganbert.cli` -> `cli`); the package -> None."""
+    """`ganbert.prep.pair` -> `prep`; a top-level module is its own node (`ganbert.cli` -> `cli`); the package: None."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else None
 

@@ -7,8 +7,8 @@ import json
 import math
 import multiprocessing
 import os
-import resource
 import platform as stdlib_platform
+import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,8 +18,7 @@ import torch
 
 from ganbert import config as config_mod
 from ganbert.common.atomic import write_text
-from ganbert.config import Config
-from ganbert.config import METHODS
+from ganbert.config import METHODS, Config
 from ganbert.models import build_networks
 from ganbert.models.saved import pick_device, place_networks
 from ganbert.train.step import Batch, gan_step, make_optimisers, seed_everything
@@ -121,8 +120,8 @@ def bench_tokens(cfg: Config, data_dir: str) -> list[str]:
     Rows: share of real MRI / PET summary values that collide (paper wrap ids) or clip (monotonic), and the
     distinct value ids they use (of `sequence.vocab_values`).
     """
-    from ganbert.store import shards
     from ganbert.models.tokens import calibrate_token_space, token_health
+    from ganbert.store import shards
     from ganbert.store.stats import for_run, split_summaries
 
     lines = ["| tracer | scheme | MRI collide/clip | PET collide/clip | MRI distinct ids | PET distinct ids |",
@@ -195,7 +194,8 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         from ganbert.experiments import uncertainty
 
         if not args.study or not args.row:
-            raise ValueError("bench uncertainty needs --study DIR (a finished `ganbert study --folds K`) and --row NAME")
+            raise ValueError("bench uncertainty needs --study DIR (a finished `ganbert study --folds K`) "
+                             "and --row NAME")
         found = uncertainty.measure(Path(args.study), args.row)
         text = uncertainty.render(found)
         write_text(Path(args.study) / f"uncertainty-{args.row.replace(' ', '-')}.json", json.dumps(found, indent=1))
@@ -221,7 +221,8 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     if args.what == "qc":
         from ganbert.prep.qc_bench import bench_qc
         lines = [f"Command: `ganbert bench qc --subjects {args.subjects}` on {_machine(torch.device('cpu'))}: input QC "
-                 "(`ganbert.prep.qc`) of phantom T1s and the MNI152 head (must pass), generated non-T1 inputs (must fail) "
+                 "(`ganbert.prep.qc`) of phantom T1s and the MNI152 head (must pass), "
+                 "generated non-T1 inputs (must fail) "
                  "and image files shipped in installed wheels; seconds include reading the file.", ""]
         lines += bench_qc(args.subjects, say=lambda line: print(f"[qc] {line}", flush=True))
         if args.write:

@@ -1,4 +1,4 @@
-"""The `ganbert` command line: `ganbert {phantom,preprocess,train,tune,evaluate,study,report,synthesize,bench,demo} --help`."""
+"""The `ganbert` command line: `ganbert {phantom,preprocess,train,...,bench,demo} --help` (one handler per stage)."""
 
 from __future__ import annotations
 
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", _evaluate, "per-subject test metrics of a model or the mean-PET baseline (subjects.csv, "
             "summary.json)")
-    p.add_argument("--model", default=None, help="MLflow model URI (models:/..., runs:/...) or a model/checkpoint folder")
+    p.add_argument("--model", default=None,
+                   help="MLflow model URI (models:/..., runs:/...) or a model/checkpoint folder")
     p.add_argument("--baseline", default=None, choices=("mean-pet",), help="evaluate a baseline instead of a model")
     p.add_argument("--data", required=True, help="preprocessed shards")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
@@ -215,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None, help="uncertainty: a finished `ganbert study --folds K` output folder")
     p.add_argument("--row", default=None, help="uncertainty: the study row whose fold ensemble is measured")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--data", default=None, help="tokens, loader, overhead: preprocessed shards (default: the cached phantom)")
+    p.add_argument("--data", default=None,
+                   help="tokens, loader, overhead: preprocessed shards (default: the cached phantom)")
     p.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
     p.add_argument("--subjects", type=int, default=6, help="qc: phantom subjects per size (index 0 has a FLAIR)")
     _config_args(p)

@@ -13,9 +13,9 @@ from mlflow import MlflowClient
 from scipy import stats
 
 from ganbert import config as config_mod
+from ganbert.cli import main as cli_main
 from ganbert.experiments import paired
 from ganbert.experiments import study as study_mod
-from ganbert.cli import main as cli_main
 from ganbert.store import folds, shards
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"

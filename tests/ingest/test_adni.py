@@ -54,7 +54,8 @@ def _scan(image_id: str, kind: str, day: str, subject: str = "002_S_0001", trace
 
 
 def test_pairing_picks_nearest_t1_within_window() -> None:
-    scans = [_scan("I1", "T1", "1/1/2019"), _scan("I2", "T1", "1/1/2020"), _scan("I3", "PET", "10/1/2019", tracer="AV45"),
+    scans = [_scan("I1", "T1", "1/1/2019"), _scan("I2", "T1", "1/1/2020"),
+             _scan("I3", "PET", "10/1/2019", tracer="AV45"),
              _scan("I4", "PET", "3/1/2019", tracer="FDG"), _scan("I5", "PET", "6/1/2022", tracer="AV1451"),
              _scan("I6", "PET", "1/1/2019", subject="003_S_0002", tracer="AV45")]
     pairs, unpaired = adni.pair_scans(scans, 365)
@@ -65,7 +66,8 @@ def test_pairing_picks_nearest_t1_within_window() -> None:
 
 
 def test_pairing_tie_is_deterministic_and_noted() -> None:
-    scans = [_scan("I20", "T1", "1/11/2019"), _scan("I10", "T1", "1/1/2019"), _scan("I3", "PET", "1/6/2019", tracer="AV45")]
+    scans = [_scan("I20", "T1", "1/11/2019"), _scan("I10", "T1", "1/1/2019"),
+             _scan("I3", "PET", "1/6/2019", tracer="AV45")]
     (pair,), _ = adni.pair_scans(scans, 30)
     assert pair.mri.image_id == "I10"  # the earlier T1 wins a tie
     assert pair.note == "ambiguous: 2 T1 scans 5 days away (I10, I20); chose I10"

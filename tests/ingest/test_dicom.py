@@ -1,4 +1,4 @@
-"""DICOM ingest: round trip of classic and enhanced series, malformed series rejected with reasons, no identifiers leak."""
+"""DICOM ingest: classic and enhanced series round trip, malformed series rejected with reasons, no identifier leaks."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pydicom
 import pytest
 
 from ganbert.ingest import adni, dicom, phantom
-from ganbert.store import loader
-from ganbert.prep import preprocess
 from ganbert.ingest.nifti import VolumeError
+from ganbert.prep import preprocess
+from ganbert.store import loader
 
 AFFINE = np.array([[-2.0, 0, 0, 50], [0, 1.5, 0, -60], [0, 0, 3, -40], [0, 0, 0, 1]])
 

@@ -10,9 +10,9 @@ import pytest
 from nibabel.testing import data_path
 
 from ganbert.config import GeometryConfig, tiny
-from ganbert.prep import grid
-from ganbert.models import intensity
 from ganbert.ingest.nifti import VolumeError, read_volume
+from ganbert.models import intensity
+from ganbert.prep import grid
 
 EXAMPLES = Path(data_path)
 THREE_D = ["anatomical.nii", "reoriented_anat_moved.nii", "standard.nii.gz"]

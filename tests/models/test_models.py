@@ -7,8 +7,8 @@ from ganbert import config
 from ganbert.config import METHODS
 from ganbert.models import build_bert, build_generator, build_networks
 from ganbert.models.bert_disc import BertDiscriminator, bert_config
-from ganbert.models.unet3d import UNet3D
 from ganbert.models.sequence import Vocabulary, build_sequence, mask_positions, mask_sequence
+from ganbert.models.unet3d import UNet3D
 
 RANGES = {"sequence.mri_range": (-3.0, 3.0), "sequence.pet_range": (-3.0, 3.0)}
 

@@ -4,7 +4,18 @@ import pytest
 import torch
 
 from ganbert.config import SequenceConfig
-from ganbert.models.sequence import (IGNORE_INDEX, SPECIALS, Vocabulary, build_sequence, mask_positions, mask_sequence, quantise, straight_through_embed, summarise, value_ids)
+from ganbert.models.sequence import (
+    IGNORE_INDEX,
+    SPECIALS,
+    Vocabulary,
+    build_sequence,
+    mask_positions,
+    mask_sequence,
+    quantise,
+    straight_through_embed,
+    summarise,
+    value_ids,
+)
 from ganbert.models.tokens import summary_range
 
 PAPER = {"scheme": "paper"}
@@ -91,9 +102,11 @@ def test_summary_range_widens_the_quantiles() -> None:
 
 def test_token_health_counts_collisions_clips_and_distinct_ids() -> None:
     v = torch.tensor([-0.5, 0.0005, 0.002, 0.002, 12.0])   # paper q: -500, 0, 2, 2, 12000 -> ids 0, 0, 2, 2, 500
-    assert Vocabulary(SequenceConfig(**PAPER)).health(v, "pet") == pytest.approx({"collide_or_clip": 0.6, "distinct": 3.0})
+    paper = Vocabulary(SequenceConfig(**PAPER))
+    assert paper.health(v, "pet") == pytest.approx({"collide_or_clip": 0.6, "distinct": 3.0})
     mono = Vocabulary(SequenceConfig(mri_range=(0.0, 1.0), pet_range=(0.0, 1.0)))
-    assert mono.health(torch.tensor([-0.1, 0.0, 0.5, 1.0, 1.2]), "mri") == pytest.approx({"collide_or_clip": 0.4, "distinct": 3.0})
+    health = mono.health(torch.tensor([-0.1, 0.0, 0.5, 1.0, 1.2]), "mri")
+    assert health == pytest.approx({"collide_or_clip": 0.4, "distinct": 3.0})
 
 
 @pytest.mark.parametrize("scheme", ["paper", "monotonic"])

@@ -101,7 +101,8 @@ def test_pet_with_too_few_frames(bad_corpus) -> None:
 
 def test_pet_outside_t1_space(bad_corpus) -> None:
     # rigid registration (the default) recovers any plausible offset; 2 m is not plausible
-    _assert_rejected(bad_corpus, "pet_outside_t1_space", r"^data: registration quality check failed: the PET lies \d+ mm")
+    _assert_rejected(bad_corpus, "pet_outside_t1_space",
+                     r"^data: registration quality check failed: the PET lies \d+ mm")
 
 
 def test_csv_row_missing_file(bad_corpus) -> None:

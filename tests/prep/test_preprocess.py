@@ -1,4 +1,4 @@
-"""Preprocessing on a local Ray: every pair once, values round-trip, no subject leakage, checksums, idempotent reruns."""
+"""Preprocessing on a local Ray: every pair once, values round-trip, no subject leaks, checksums, idempotent reruns."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from ganbert.config import demo
-from ganbert.models import intensity
 from ganbert.ingest import adni, phantom
+from ganbert.ingest.nifti import read_volume, stack_frames
+from ganbert.models import intensity
 from ganbert.prep import grid, preprocess
 from ganbert.store import loader, shards, splits
-from ganbert.ingest.nifti import read_volume, stack_frames
 
 
 def _digests(folder: Path) -> dict[str, str]:

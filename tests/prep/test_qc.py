@@ -10,12 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ganbert.prep import qc
 from ganbert.ingest import adni, dicom, phantom
-from ganbert.prep import brainmask, preprocess
-from ganbert.store import shards
+from ganbert.prep import brainmask, preprocess, qc
 from ganbert.prep.registration import Registration
 from ganbert.serve.synthesize import _file_key
+from ganbert.store import shards
 
 
 @pytest.fixture(scope="module")

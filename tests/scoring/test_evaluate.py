@@ -14,11 +14,22 @@ from scipy.stats import wasserstein_distance
 from skimage.metrics import structural_similarity
 
 from ganbert import config as config_mod
-from ganbert.scoring import metrics
 from ganbert.cli import main as cli_main
 from ganbert.ingest.phantom import LABEL
+from ganbert.scoring import metrics
 from ganbert.scoring.biomarkers import NOTES_KEY, note_for
-from ganbert.scoring.evaluate import (BIOMARKER_KEYS, BIOMARKER_METRICS, POSITIVITY, REGIONAL_SUVR, SUBJECT_METRICS, brain_mask, geometry_of, positivity, subject_metrics, aggregate_subjects)
+from ganbert.scoring.evaluate import (
+    BIOMARKER_KEYS,
+    BIOMARKER_METRICS,
+    POSITIVITY,
+    REGIONAL_SUVR,
+    SUBJECT_METRICS,
+    aggregate_subjects,
+    brain_mask,
+    geometry_of,
+    positivity,
+    subject_metrics,
+)
 
 RNG = np.random.default_rng(7)
 
@@ -42,7 +53,8 @@ def test_masked_psnr_matches_hand_computation() -> None:
 def test_masked_ssim_is_the_mean_of_skimages_ssim_map_over_the_mask() -> None:
     pred, target = _vol((1, 16, 15, 14)), _vol((1, 16, 15, 14))
     full = torch.ones(16, 15, 14, dtype=torch.bool)
-    assert metrics.masked_ssim(pred, target, full, 400.0) == pytest.approx(float(metrics.ssim3d(pred[None], target[None], 400.0)[0]), abs=1e-12)
+    whole = float(metrics.ssim3d(pred[None], target[None], 400.0)[0])
+    assert metrics.masked_ssim(pred, target, full, 400.0) == pytest.approx(whole, abs=1e-12)
     _, smap = structural_similarity(target[0].numpy(), pred[0].numpy(), data_range=400.0, gaussian_weights=True,
                                     sigma=1.5, use_sample_covariance=False, full=True)
     mask = torch.zeros(16, 15, 14, dtype=torch.bool)
@@ -58,7 +70,8 @@ def test_masked_ssim_is_the_mean_of_skimages_ssim_map_over_the_mask() -> None:
 
 def test_wasserstein_matches_scipy() -> None:
     a, b = RNG.normal(0, 1, 500), RNG.gamma(2.0, 1.5, 321)
-    assert metrics.wasserstein1d(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(wasserstein_distance(a, b), rel=1e-10)
+    expected = wasserstein_distance(a, b)
+    assert metrics.wasserstein1d(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected, rel=1e-10)
     assert metrics.wasserstein1d(torch.from_numpy(a), torch.from_numpy(a + 3.0)) == pytest.approx(3.0, rel=1e-10)
     with pytest.raises(ValueError, match="non-empty"):
         metrics.wasserstein1d(torch.zeros(0), torch.ones(3))
@@ -90,13 +103,15 @@ def test_regional_suvr_mape_and_composite_by_hand() -> None:
     ref = (LABEL["cerebellum_gm"],)
     truth = {LABEL["cerebellum_gm"]: 1.0, LABEL["neocortex"]: 1.5, LABEL["temporoparietal"]: 1.2}
     real, labels = _labelled(truth)
-    assert metrics.regional_suvr(real, labels, ref) == pytest.approx({LABEL["neocortex"]: 1.5, LABEL["temporoparietal"]: 1.2})
+    expected = {LABEL["neocortex"]: 1.5, LABEL["temporoparietal"]: 1.2}
+    assert metrics.regional_suvr(real, labels, ref) == pytest.approx(expected)
     fake, _ = _labelled({**truth, LABEL["neocortex"]: 1.2})
     # neocortex 20% low, temporoparietal exact -> 10%; a global scale changes nothing
     assert metrics.suvr_mape(2.0 * fake, real, labels, ref) == pytest.approx(10.0)
     n_neo, n_tp = int((labels == LABEL["neocortex"]).sum()), int((labels == LABEL["temporoparietal"]).sum())
     expect = (1.5 * n_neo + 1.2 * n_tp) / (n_neo + n_tp)
-    assert metrics.composite_suvr(real, labels, (LABEL["neocortex"], LABEL["temporoparietal"]), ref) == pytest.approx(expect)
+    targets = (LABEL["neocortex"], LABEL["temporoparietal"])
+    assert metrics.composite_suvr(real, labels, targets, ref) == pytest.approx(expect)
     with pytest.raises(ValueError, match="reference"):
         metrics.regional_suvr(real, labels, (LABEL["pons"],))
 
@@ -141,12 +156,14 @@ def _subject(tracer: str, truth: dict[str, float], fake_truth: dict[str, float])
 
 def test_subject_biomarkers_of_each_tracer_by_hand() -> None:
     """Equal-size slabs: composites are plain means of the regional SUVRs; a global scale changes nothing."""
-    av45 = {"cerebellum_gm": 1.0, "cerebellum_wm": 1.0, "temporoparietal": 1.4, "neocortex": 1.3, "inferior_temporal": 1.2}
+    av45 = {"cerebellum_gm": 1.0, "cerebellum_wm": 1.0, "temporoparietal": 1.4, "neocortex": 1.3,
+            "inferior_temporal": 1.2}
     s = _subject("AV45", av45, {**av45, "neocortex": 1.0})
     assert s["suvr_real.neocortex"] == pytest.approx(1.3) and s["suvr_fake.neocortex"] == pytest.approx(1.0)
     assert math.isnan(s["suvr_real.cerebellum_gm"])  # part of the reference region
     assert s["centiloid_real"] == pytest.approx(188.22 * 1.3 - 189.16)
-    assert s["centiloid_error"] == pytest.approx(188.22 * (1.2 - 1.3)) and s["centiloid_abs_error"] == pytest.approx(18.822)
+    assert s["centiloid_error"] == pytest.approx(188.22 * (1.2 - 1.3))
+    assert s["centiloid_abs_error"] == pytest.approx(18.822)
     assert all(math.isnan(s[k]) for k in ("braak_real", "metaroi_real", "metaroi_abs_pct_error"))
     av1451 = {"cerebellum_gm": 1.0, "medial_temporal": 1.5, "inferior_temporal": 1.35, "neocortex": 1.0}
     t = _subject("AV1451", av1451, {**av1451, "inferior_temporal": 1.0})
@@ -337,8 +354,8 @@ def test_evaluate_takes_preset_config_and_overrides_like_every_command(tiny_shar
 
 
 def test_a_checkpoint_given_as_a_uri_is_loaded(tmp_path: Path) -> None:
-    from ganbert.models import build_generator
     from ganbert.experiments.study import load_checkpoint
+    from ganbert.models import build_generator
     from ganbert.models.saved import save_model_dir
 
     cfg = config_mod.tiny()

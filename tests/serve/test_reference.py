@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from ganbert import cli, config
-from ganbert.serve import reference
 from ganbert.ingest import adni, phantom
 from ganbert.models import build_generator
 from ganbert.models.saved import save_model_dir
+from ganbert.serve import reference
 
 
 @pytest.fixture(scope="module")
 def cohorts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    """(PET, T1) of one subject written in its T1's space and, the same subject, on ADNI's standard grid under motion."""
+    """(PET, T1) of one subject written in its T1's space and, the same subject, on ADNI's standard grid under
+    motion."""
     root = tmp_path_factory.mktemp("ref")
     out = {}
     for space in ("t1", "adni-standard"):

@@ -19,11 +19,11 @@ from nibabel.testing import data_path
 from scipy import ndimage
 
 from ganbert import cli, config
-from ganbert.serve import synthesize as syn
 from ganbert.config import Config
-from ganbert.prep.grid import conform_mri, fov_centre, pet_affine
 from ganbert.models import build_generator
 from ganbert.models.saved import load_generator, save_model_dir
+from ganbert.prep.grid import conform_mri, fov_centre, pet_affine
+from ganbert.serve import synthesize as syn
 
 SECRET = "PATIENT NAME 123"
 
@@ -415,13 +415,15 @@ def test_ensemble_of_two_models_with_mirroring_writes_mean_sd_and_regional_inter
     printed = capsys.readouterr().out
     assert f"ensemble: voxel-wise SD over 4 members -> {tmp_path / 'ens_sd.nii.gz'}" in printed
     pet, sd = nib.load(str(out)), nib.load(str(tmp_path / "ens_sd.nii.gz"))
-    assert sd.shape == pet.shape and np.allclose(sd.affine, pet.affine) and sd.header.get_zooms() == pet.header.get_zooms()
+    assert sd.shape == pet.shape and np.allclose(sd.affine, pet.affine)
+    assert sd.header.get_zooms() == pet.header.get_zooms()
     mri, _ = conform_mri(nib.load(str(phantom_t1["t1"])), config.tiny().geometry)
     members = _members_by_hand([load_generator(a)[0], load_generator(b)[0]], mri)
     np.testing.assert_allclose(pet.get_fdata(), np.moveaxis(members.mean(axis=0), 0, -1), rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(sd.get_fdata(), np.moveaxis(members.std(axis=0, ddof=1), 0, -1), rtol=1e-3, atol=1e-3)
     record = json.loads((tmp_path / "ens_qc.json").read_text())
-    assert record["members"] == 4 and record["tta"] is True and [m["model"] for m in record["models"]] == [str(a), str(b)]
+    assert record["members"] == 4 and record["tta"] is True
+    assert [m["model"] for m in record["models"]] == [str(a), str(b)]
     region = record["regions"]["suvr"]["temporoparietal"]
     assert region["interval_90"][0] <= region["mean"] <= region["interval_90"][1]
     assert record["regions"]["composite"]["positive_fraction"] in (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -1,4 +1,4 @@
-"""Loader: Ray Data splits and tracer filters, torch batches with a fixed seeded order, pyarrow rows, Ray Train shards."""
+"""Loader: Ray Data splits and tracer filters, seeded epoch permutations, pyarrow rows, a Ray Train worker's part."""
 
 from __future__ import annotations
 

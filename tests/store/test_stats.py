@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ganbert import config
-from ganbert.store import loader, shards, stats
 from ganbert.models import tokens
 from ganbert.models.sequence import Vocabulary
+from ganbert.store import loader, shards, stats
 
 
 def test_preprocess_records_train_stats_per_tracer(tiny_run) -> None:

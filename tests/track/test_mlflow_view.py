@@ -8,8 +8,17 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from ganbert.track.tracking import (EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, SHARED_VIEW_PREFIX, VIEW_KEY, MLflowTracker, ensure_experiment, link_model, set_runs_view)
 from ganbert.experiments.tune import swept_keys
+from ganbert.track.tracking import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING_KIND,
+    SHARED_VIEW_PREFIX,
+    VIEW_KEY,
+    MLflowTracker,
+    ensure_experiment,
+    link_model,
+    set_runs_view,
+)
 
 
 def test_experiments_open_in_model_training_and_carry_a_compare_view(tmp_path: Path) -> None:
@@ -21,7 +30,8 @@ def test_experiments_open_in_model_training_and_carry_a_compare_view(tmp_path: P
     ensure_experiment(uri, "older")
     assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
 
-    path = set_runs_view(uri, "abl", ["model.method", "optim.lambda_nsp"], ["val_psnr", "test_psnr"], tags=["ganbert.row"])
+    path = set_runs_view(uri, "abl", ["model.method", "optim.lambda_nsp"], ["val_psnr", "test_psnr"],
+                         tags=["ganbert.row"])
     assert path == f"#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
     envelope = json.loads(client.get_experiment(exp_id).tags[SHARED_VIEW_PREFIX + VIEW_KEY])
     assert envelope["name"] and isinstance(envelope["createdAt"], int)  # MLflow's saved-view envelope
@@ -36,7 +46,8 @@ def test_experiments_open_in_model_training_and_carry_a_compare_view(tmp_path: P
 def test_link_model_lists_a_childs_model_on_the_parent(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    with MLflowTracker(uri, "abl", "sweep") as parent, MLflowTracker(uri, "abl", "trial", parent_run_id=parent.run_id) as child:
+    with (MLflowTracker(uri, "abl", "sweep") as parent,
+          MLflowTracker(uri, "abl", "trial", parent_run_id=parent.run_id) as child):
         model = client.create_logged_model(experiment_id=child.experiment_id, name="model", source_run_id=child.run_id)
         link_model(uri, str(parent.run_id), f"models:/{model.model_id}")
         link_model(uri, str(parent.run_id), f"models:/{model.model_id}")  # a resumed sweep links again

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from ganbert import config
-from ganbert.track import model_card
-from ganbert.store import shards
-from ganbert.models.saved import CARD_FILE, METADATA_FILE, STATE_FILE
 from ganbert.models import build_generator
-from ganbert.models.saved import save_model_dir
+from ganbert.models.saved import CARD_FILE, METADATA_FILE, STATE_FILE, save_model_dir
+from ganbert.store import shards
+from ganbert.track import model_card
 
 METRICS = {"split": "test", "n": 8, "source": "ganbert study s, ensemble of 5 folds",
            "values": {"psnr": {"mean": 21.25, "ci95": [20.5, 22.0]}, "ssim": {"mean": 0.71, "ci95": None}}}
@@ -32,7 +31,8 @@ def test_card_describes_the_training_cohort_and_takes_test_metrics(tiny_shards: 
     assert meta["training"]["splits"]["train"] == {
         "rows": len(train), "subjects": len({r["subject"] for r in train}),
         "groups": {g: sum(r["group"] == g for r in train) for g in sorted({r["group"] for r in train})}}
-    assert meta["training"]["source"].startswith("phantom cohort") and meta["training"]["registration"] == "none"  # the cached phantom skips PET-to-T1 registration
+    assert meta["training"]["source"].startswith("phantom cohort")
+    assert meta["training"]["registration"] == "none"  # the cached phantom skips PET-to-T1 registration
     assert meta["training"]["t1_qc"] == {"rows_scored": len(rows), "rows_failing": 0}
     assert re.fullmatch(r"[0-9a-f]{40}", meta["code"]["commit"])  # this checkout's HEAD
     assert meta["tracer"] == "AV45" and meta["config"]["preset"] == "tiny" and meta["metrics"] is None

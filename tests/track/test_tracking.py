@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from ganbert import config as config_mod
 from ganbert.common import figures
-from ganbert.track import mlflow_model, tracking
 from ganbert.common.home import default_tracking_uri
+from ganbert.track import mlflow_model, tracking
 from ganbert.track.tracking import MLflowTracker, NullTracker, Tracker
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -218,8 +218,8 @@ def test_model_on_server_downloads_identical(mlflow_server: str, tmp_path: Path)
 def test_pyfunc_predict_matches_generator(tmp_path: Path) -> None:
     import mlflow.pyfunc
 
-    from ganbert.models.intensity import mri_stats, normalise_mri, restore_pet
     from ganbert.models import build_generator
+    from ganbert.models.intensity import mri_stats, normalise_mri, restore_pet
 
     cfg = config_mod.tiny()
     torch.manual_seed(0)

@@ -8,9 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from ganbert import config
-from ganbert.models.saved import GENERATOR_FILE
 from ganbert.models import build_networks
-from ganbert.models.saved import load_generator, save_model_dir
+from ganbert.models.saved import GENERATOR_FILE, load_generator, save_model_dir
 from ganbert.train.checkpoint import save_state
 from ganbert.train.loop import training_state
 from ganbert.train.step import Batch, gan_step, make_optimisers

@@ -16,10 +16,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ganbert import config
 from ganbert.models import Networks, build_networks
+from ganbert.models.saved import unwrap
 from ganbert.models.sequence import mask_positions
 from ganbert.train import step
 from ganbert.train.step import Batch, gan_step, make_optimisers, seed_everything
-from ganbert.models.saved import unwrap
 
 RANGES = {"sequence.mri_range": (-3.0, 3.0), "sequence.pet_range": (-1.0, 12.0)}
 WORLD = 2

@@ -21,6 +21,7 @@ from ganbert.store import loader, shards, stats
 from ganbert.store.loader import count_rows
 from ganbert.track.tracking import find_run
 from ganbert.train import loop
+
 from ray_nodes import descendants, is_loopback, listening
 
 

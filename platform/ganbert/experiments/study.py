@@ -39,14 +39,25 @@ from torch import nn
 
 from ganbert import config as config_mod
 from ganbert.common import home
-from ganbert.experiments import paired
 from ganbert.common.atomic import write_text
 from ganbert.config import TRACERS, Config
+from ganbert.experiments import paired
+from ganbert.scoring.evaluate import (
+    BASELINES,
+    METRICS,
+    SUBJECT_METRICS,
+    Predictor,
+    aggregate_subjects,
+    check_out,
+    generator_predictor,
+    iter_subjects,
+    mean_pet,
+    predict_row,
+)
 from ganbert.store import folds as folds_mod
 from ganbert.store.folds import Fold
 from ganbert.store.part import Part
 from ganbert.store.shards import SPLITS
-from ganbert.scoring.evaluate import (BASELINES, METRICS, SUBJECT_METRICS, Predictor, check_out, generator_predictor, iter_subjects, mean_pet, predict_row, aggregate_subjects)
 
 STUDY_TAG = "ganbert.experiments.study"
 ROW_TAG = "ganbert.row"
@@ -340,7 +351,8 @@ def render_markdown(name: str, study: Study, info: dict[str, Any], summaries: di
              f"{info['description']}. Reference row: **{ref}**. Every interval is a subject-bootstrap 95 % interval "
              f"({info['bootstrap']['resamples']} resamples, seed {info['bootstrap']['seed']}); a row is better or "
              "worse than the reference only when the interval of its paired difference excludes 0, else "
-             f"\"no difference at this n\" (always below {paired.MIN_SUBJECTS} subjects, where no two-sided Wilcoxon test "
+             f"\"no difference at this n\" (always below {paired.MIN_SUBJECTS} subjects, "
+             "where no two-sided Wilcoxon test "
              "can reach p < 0.05). Seeds and scans are averaged within a subject first. PSNR / SSIM / RMSE "
              "on restored PET clipped to [-10, 1000] (data range 1010); rel = each volume over its own in-brain "
              "mean; W1 = Wasserstein distance of in-brain intensities; SUVR MAPE = regional SUVR % error. "
@@ -364,7 +376,8 @@ def render_markdown(name: str, study: Study, info: dict[str, Any], summaries: di
             agree = [(key, label) for key, label in AGREEMENT
                      if any((cells.get(r.name) or {}).get("agreement", {}).get(key) is not None for r in study.rows)]
             if agree:
-                lines += ["", "Agreement of the generated with the real biomarker read over these subjects (first seed; "
+                lines += ["", "Agreement of the generated with the real biomarker read over these subjects "
+                          "(first seed; "
                           "ICC(2,1), Bland-Altman bias generated - real, Cohen's kappa; module `biomarkers`):", "",
                           "| row | " + " | ".join(label for _, label in agree) + " |", "|---|" + "---:|" * len(agree)]
                 for row in study.rows:
@@ -592,7 +605,8 @@ def score_locked(plan: Plan, cells: list[Cell], parent_id: str, say: Callable[[s
         run_name = f"{plan.name}-{cell.row.slug}-{cell.tracer}-s{seed_text}-ensemble"
         run_id = _child(plan.tracking_uri, experiment, parent_id, run_name,
                         {STUDY_TAG: plan.name, ROW_TAG: cell.row.name, FOLD_TAG: "ensemble", SEED_TAG: seed_text},
-                        {"model.method": cell.row.baseline or config_mod.apply(plan.base, cell.row.overrides).model.method,
+                        {"model.method": (cell.row.baseline
+                                          or config_mod.apply(plan.base, cell.row.overrides).model.method),
                          "geometry.tracer": cell.tracer, "study.members": len(cell.folds)})
         for set_name, data_dir, part in targets:
             found = subject_records(predict, data_dir, part, cell.tracer,
@@ -640,7 +654,7 @@ def record_on_cards(plan: Plan, cells: list[Cell], summaries: dict[str, Any]) ->
 
 
 def agreement(records: list[dict[str, Any]], set_name: str, tracer: str, row: str) -> dict[str, Any]:
-    """The biomarker agreement (`evaluate.aggregate_subjects`'s keys) of a row's first seed over the subjects of a set."""
+    """The biomarker agreement (`evaluate.aggregate_subjects`'s keys) of a row's first seed over a set's subjects."""
     mine = [r for r in records if (r["set"], r["tracer"], r["row"]) == (set_name, tracer, row)]
     first = [r for r in mine if r["seed"] == mine[0]["seed"]] if mine else []
     found = aggregate_subjects([{k: (float("nan") if v is None else v) for k, v in r.items()} for r in first], tracer)
@@ -713,7 +727,8 @@ def run_study(plan: Plan, out: Path, say: Callable[[str], None] = print) -> dict
         for path in (md, js, *pngs):
             parent.log_artifact(path)
         over = [t["wall"] - t["compute"] for t in timings]
-        parent.log_metrics({"study_seconds": seconds, **({"run_overhead_median_s": float(np.median(over))} if over else {}),
+        overhead = {"run_overhead_median_s": float(np.median(over))} if over else {}
+        parent.log_metrics({"study_seconds": seconds, **overhead,
                             **parent_metrics(pairs, list(plan.study.rows))}, step=0)
     except KeyboardInterrupt:
         parent.finish("KILLED")
@@ -749,10 +764,10 @@ def parse_externals(items: list[str]) -> dict[str, str]:
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     """`ganbert study --space FILE [--folds K] [--seeds N] [--reference ROW] [--external NAME=SHARDS] ...`."""
-    from ganbert.store import loader
     from ganbert.common.raysession import ensure_ray
-    from ganbert.track.tracking import set_runs_view
     from ganbert.prep.phantom_cache import data_dir_for
+    from ganbert.store import loader
+    from ganbert.track.tracking import set_runs_view
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars between [study] lines
     study = load_study(args.space, cfg)

@@ -15,12 +15,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from ganbert import config as config_mod
-from ganbert.config import Config
 from ganbert.common import home
-from ganbert.experiments.search_space import BUNDLE_KEY, load_space, trial_overrides
-from ganbert.track.tracking import MLflowTracker, end_open_run, find_run, link_model, set_runs_view
 from ganbert.common.raysession import ensure_ray
+from ganbert.config import Config
+from ganbert.experiments.search_space import BUNDLE_KEY, load_space, trial_overrides
 from ganbert.prep.phantom_cache import data_dir_for
+from ganbert.track.tracking import MLflowTracker, end_open_run, find_run, link_model, set_runs_view
 from ganbert.train.loop import fit
 
 
@@ -78,7 +78,8 @@ def run_sweep(space_path: str | Path, cfg: Config, data_dir: str, tracking_uri: 
     space = load_space(space_path, cfg)
     name = sweep_name(space_path, cfg)
     storage = home.resolve(cfg.run.storage)
-    parent = MLflowTracker(tracking_uri, cfg.run.experiment, name, run_id=find_run(tracking_uri, cfg.run.experiment, name),
+    parent = MLflowTracker(tracking_uri, cfg.run.experiment, name,
+                           run_id=find_run(tracking_uri, cfg.run.experiment, name),
                            tags={"ganbert.sweep": name, "ganbert.space": Path(space_path).name})
     parent.log_params({f"space.{k}": v for k, v in space.specs.items()})
     trainable = tune.with_resources(

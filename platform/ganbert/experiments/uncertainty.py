@@ -83,7 +83,8 @@ def render(found: dict[str, Any]) -> str:
     """Markdown: the spread scores per subject and on average, and the ensemble-vs-fold paired table."""
     lines = [f"Fold ensemble of `{found['row']}` ({found['members']} members, {found['tracer']}, locked test split of "
              f"`{found['study']}`), inside the brain mask:", "",
-             "| subject | Spearman(SD, abs error) | real inside mean +- 2 SD | mean SD | mean abs error | ensemble PSNR |",
+             "| subject | Spearman(SD, abs error) | real inside mean +- 2 SD | mean SD | mean abs error "
+             "| ensemble PSNR |",
              "|---|---:|---:|---:|---:|---:|"]
     for s in found["subjects"] + [found["mean"] | {"subject": "mean", "ensemble_psnr": math.nan}]:
         lines.append(f"| {s['subject']} | {s['spearman_sd_abs_error']:.3f} | {100 * s['coverage_2sd']:.1f} % | "

@@ -354,7 +354,8 @@ def ingest(root: Path, window_days: int = 365, min_frames: int = 1, check_header
                 continue
             if kind == "PET" and frames < min_frames:
                 out.rejected.append(Issue(_rel(root, files[0]), image_id, v["Subject"], "header",
-                                          f"PET has {frames} frame(s); geometry.pet_frames needs at least {min_frames}"))
+                                          f"PET has {frames} frame(s); "
+                                          f"geometry.pet_frames needs at least {min_frames}"))
                 continue
         age = float(v["Age"]) if v.get("Age") else None
         scans.append(Scan(image_id=image_id, subject=v["Subject"], group=v.get("Group", ""), sex=v.get("Sex", ""),

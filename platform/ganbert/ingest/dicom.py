@@ -1,4 +1,4 @@
-"""DICOM series -> validated volume (pydicom): classic one-file-per-slice and enhanced multi-frame, PET frames by timing.
+"""DICOM series -> validated volume (pydicom): classic one file a slice and enhanced multi-frame, PET frames by timing.
 
 Only geometry, pixel data, rescale and frame timing are read; no text field of the header (patient name, ids,
 dates) is kept or reported. A series is rejected (VolumeError naming the file and the reason) for mixed series
@@ -87,7 +87,8 @@ def _geometry(item: Any, path: Path, what: str) -> tuple[np.ndarray, np.ndarray,
         ori = np.asarray([float(v) for v in item.ImageOrientationPatient], dtype=np.float64)
         sp = tuple(float(v) for v in item.PixelSpacing)
     except (AttributeError, TypeError, ValueError):
-        raise VolumeError(path, f"{what}: missing ImagePositionPatient, ImageOrientationPatient or PixelSpacing") from None
+        raise VolumeError(path, f"{what}: missing ImagePositionPatient, ImageOrientationPatient "
+                                "or PixelSpacing") from None
     if pos.shape != (3,) or ori.shape != (6,) or len(sp) != 2 or min(sp) <= 0:
         raise VolumeError(path, f"{what}: absurd position, orientation or pixel spacing")
     return pos, ori, sp  # type: ignore[return-value]

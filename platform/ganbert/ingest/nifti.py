@@ -73,7 +73,8 @@ def effective_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(dims[:3] + extra)
 
 
-def check_geometry(shape: Sequence[int], affine: np.ndarray, zooms: Sequence[float], path: Path | str) -> tuple[int, ...]:
+def check_geometry(shape: Sequence[int], affine: np.ndarray, zooms: Sequence[float],
+                   path: Path | str) -> tuple[int, ...]:
     """Validate dimensionality, dims, voxel sizes and affine; return the effective shape or raise VolumeError."""
     eff = effective_shape(shape)
     if len(eff) not in (3, 4):
@@ -176,7 +177,8 @@ def read_volume(path: Path | str) -> Volume:
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32), dtype=np.float32)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as err:
-        raise VolumeError(path, f"truncated or corrupt voxel data ({type(err).__name__}: {_short(err, path)})") from None
+        raise VolumeError(path, f"truncated or corrupt voxel data "
+                                f"({type(err).__name__}: {_short(err, path)})") from None
     data = data.reshape(eff)
     check_values(data, path)
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), path=path)
@@ -191,7 +193,8 @@ def image_data(img: SpatialImage, name: str = "img") -> tuple[np.ndarray, np.nda
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32), dtype=np.float32).reshape(eff)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as err:
-        raise VolumeError(path, f"truncated or corrupt voxel data ({type(err).__name__}: {_short(err, path)})") from None
+        raise VolumeError(path, f"truncated or corrupt voxel data "
+                                f"({type(err).__name__}: {_short(err, path)})") from None
     check_values(data, path)
     return data, np.asarray(img.affine, dtype=np.float64)
 

@@ -9,8 +9,8 @@ from torch import nn
 from ganbert.config import METHODS, Config
 from ganbert.models.bert_disc import BertDiscriminator
 from ganbert.models.cnn_disc import PatchGAN3D
-from ganbert.models.unet3d import UNet3D
 from ganbert.models.sequence import Vocabulary
+from ganbert.models.unet3d import UNet3D
 
 
 @dataclass
@@ -22,7 +22,8 @@ class Networks:
     cnn: nn.Module | None
 
     def named(self) -> dict[str, nn.Module]:
-        return {k: v for k, v in (("generator", self.generator), ("bert", self.bert), ("cnn", self.cnn)) if v is not None}
+        named = (("generator", self.generator), ("bert", self.bert), ("cnn", self.cnn))
+        return {k: v for k, v in named if v is not None}
 
 
 def pet_fov_ratio(cfg: Config) -> tuple[float, float, float]:

@@ -11,14 +11,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ganbert.common.raysession import ensure_ray
 from ganbert.config import TRACERS, Config
 from ganbert.ingest import adni, dicom, phantom
-from ganbert.store import loader, shards
 from ganbert.prep import registration
 from ganbert.prep.pair import pair_job, process_pair
 from ganbert.prep.phantom_cache import phantom_size
 from ganbert.prep.preprocess import run
-from ganbert.common.raysession import ensure_ray
+from ganbert.store import loader, shards
 
 
 def _timed_rows(batches: Iterator[Any]) -> tuple[int, float, float]:

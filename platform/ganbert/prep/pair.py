@@ -22,14 +22,13 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ganbert.prep import qc
 from ganbert.config import GeometryConfig
 from ganbert.ingest import adni, dicom
-from ganbert.prep import brainmask, registration
-from ganbert.store import shards
-from ganbert.prep.grid import conform_array, pet_affine, resample_pet
 from ganbert.ingest.nifti import Volume, VolumeError, read_volume, stack_frames
 from ganbert.models.intensity import uint8_mri_stats
+from ganbert.prep import brainmask, qc, registration
+from ganbert.prep.grid import conform_array, pet_affine, resample_pet
+from ganbert.store import shards
 
 
 def _read_pet(paths: Sequence[Path]) -> Volume:
@@ -40,7 +39,8 @@ REGISTRATIONS = ("rigid", "none")
 
 
 def region_labels(root: Path, subject: str, grid_affine: np.ndarray, shape: Sequence[int]) -> np.ndarray | None:
-    """Ground-truth region labels of a subject (root/truth/<subject>_regions.nii.gz) on a grid, nearest; None if absent."""
+    """Ground-truth region labels of a subject (root/truth/<subject>_regions.nii.gz) on a grid, nearest; None if
+    absent."""
     path = Path(root) / "truth" / f"{subject}_regions.nii.gz"
     if not path.is_file():
         return None

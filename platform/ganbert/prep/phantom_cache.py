@@ -11,10 +11,11 @@ from ganbert.common import home
 from ganbert.common.atomic import write_text
 from ganbert.config import TRACERS, Config, GeometryConfig
 from ganbert.ingest import phantom
-from ganbert.store import shards
 from ganbert.prep.preprocess import run
+from ganbert.store import shards
 
-PHANTOM_VERSION = 4  # 3: no PET-to-T1 registration (the phantom PET is in its T1 space); 4: T1 QC scores in the manifest
+# 3: no PET-to-T1 registration (the phantom PET is in its T1 space); 4: T1 QC scores in the manifest
+PHANTOM_VERSION = 4
 
 
 def phantom_size(geometry: GeometryConfig) -> str:
@@ -51,7 +52,8 @@ def ensure_phantom(cfg: Config, cache_root: Path, subjects: int = 12, seed: int 
             (raw / ".complete").write_text(key_src + "\n")
         summary = run(raw, out, cfg, registration="none")
         if summary["rejected"]:
-            raise ValueError(f"phantom cohort {raw}: {summary['rejected']} inputs rejected (see {out / 'rejected.csv'})")
+            raise ValueError(f"phantom cohort {raw}: {summary['rejected']} inputs rejected "
+                             f"(see {out / 'rejected.csv'})")
         write_text(done, json.dumps(summary, sort_keys=True) + "\n")
     return out
 

@@ -23,14 +23,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ganbert.config import Config, GeometryConfig
 from ganbert.common.progress import Progress
 from ganbert.common.raysession import ensure_ray
+from ganbert.config import Config, GeometryConfig
 from ganbert.ingest import adni
-from ganbert.store import shards, stats
-from ganbert.store.datacontext import quiet_data_context
 from ganbert.prep.grid import HIGH_PERCENTILE, LOW_PERCENTILE
 from ganbert.prep.pair import REGISTRATIONS, message, pair_job, process_pair
+from ganbert.store import shards, stats
+from ganbert.store.datacontext import quiet_data_context
 from ganbert.store.splits import assign_splits, subject_hash
 
 SPLIT_ORDER = {name: i for i, name in enumerate(shards.SPLITS)}

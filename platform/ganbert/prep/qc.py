@@ -186,7 +186,10 @@ def image_scores(warped: np.ndarray) -> dict[str, float]:
         return float(np.median(warped[sel])) if sel.any() else float("nan")
 
     wm, gm, csf, scalp = (median(m) for m in (tpl.wm, tpl.gm, tpl.csf, tpl.scalp))
-    ratio = (lambda a, b: a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else float("nan"))
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else float("nan")
+
     return {"brain_coverage": float(inside[tpl.brain].mean()), "similarity": similarity,
             "gm_wm": ratio(gm, wm), "csf_gm": ratio(csf, gm), "scalp_wm": ratio(scalp, wm),
             "median_wm": wm, "median_gm": gm, "median_csf": csf, "median_scalp": scalp}

@@ -24,9 +24,9 @@ from typing import Callable, Iterator
 import nibabel as nib
 import numpy as np
 
-from ganbert.prep import qc
 from ganbert.ingest import dicom
 from ganbert.ingest.nifti import image_data, stack_frames
+from ganbert.prep import qc
 
 PASS, FAIL, WHEEL = "must pass", "must fail", "wheel file"
 
@@ -126,8 +126,8 @@ def _phantom_cases(root: Path, subjects: int) -> Iterator[Case]:
 
 
 def _template_cases(folder: Path) -> Iterator[Case]:
-    from ganbert.prep import brainmask
     from ganbert.ingest.phantom import anatomy
+    from ganbert.prep import brainmask
 
     head, _, affine = brainmask.template()
     yield Case("MNI152 head, 2 mm (the registered template)", PASS, _save(folder, "mni-2mm", head, affine))
@@ -194,7 +194,8 @@ def table(outcomes: list[Outcome]) -> list[str]:
     """Markdown rows: input, expected, verdict, failed checks, the image scores, seconds (unreadable wheel files
     grouped by reason)."""
     outcomes = _grouped(outcomes)
-    lines = ["| input | expected | QC | failed checks | similarity | coverage | GM/WM | CSF/GM | scalp/WM | s | CPU s |",
+    lines = ["| input | expected | QC | failed checks | similarity | coverage | GM/WM | CSF/GM | scalp/WM | s "
+             "| CPU s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for o in outcomes:
         ok = o.passed == (o.case.expect == PASS)

@@ -42,7 +42,8 @@ class Registration:
         """JSON-ready record for the manifest (matrix row-major, figures rounded)."""
         return {"fixed_to_moving": [round(float(v), 6) for v in self.matrix.reshape(-1)],
                 "mutual_information": round(self.mutual_information, 4), "coverage": round(self.coverage, 4),
-                "rotation_deg": round(self.rotation_deg, 3), "translation_mm": round(self.translation_mm, 3), "shift_mm": round(self.shift_mm, 3),
+                "rotation_deg": round(self.rotation_deg, 3), "translation_mm": round(self.translation_mm, 3),
+                "shift_mm": round(self.shift_mm, 3),
                 "iterations": self.iterations}  # no wall time: a rerun must write the same manifest
 
 

@@ -1,4 +1,4 @@
-"""`ganbert evaluate`: per-subject metrics of a model or the mean-PET baseline on a split -> subjects.csv + summary.json."""
+"""`ganbert evaluate`: per-subject metrics of a model or the mean-PET baseline on a split, and their summary."""
 
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from ganbert.models import intensity
-from ganbert.scoring import biomarkers, metrics
 from ganbert.common import home
 from ganbert.common.atomic import write_csv, write_text
+from ganbert.common.figures import histogram_png, montage_png
 from ganbert.config import Config, GeometryConfig
+from ganbert.ingest.phantom import LABEL, REFERENCE, REGIONS
+from ganbert.ingest.phantom.uptake import BRAAK_REGIONS
+from ganbert.models import intensity
+from ganbert.prep.grid import pet_affine, resample
+from ganbert.scoring import biomarkers, metrics
 from ganbert.store import folds, loader, shards, stats
 from ganbert.store.folds import Fold
 from ganbert.store.part import Part, as_part
-from ganbert.ingest.phantom import LABEL, REFERENCE, REGIONS
-from ganbert.ingest.phantom.uptake import BRAAK_REGIONS
-from ganbert.prep.grid import pet_affine, resample
-from ganbert.common.figures import histogram_png, montage_png
 
 BASELINES = ("mean-pet",)
 SUBJECTS_CSV = "subjects.csv"
@@ -443,8 +443,8 @@ def main(args: argparse.Namespace, cfg: Config | None = None, explicit: set[str]
     The configuration, when given, must match the shards' geometry (and the model's); `geometry.tracer` picks the
     tracer and `run.experiment` the MLflow experiment when set explicitly (--tracer / --experiment win).
     """
-    from ganbert.track.mlflow_model import load_model
     from ganbert.models.saved import pick_device
+    from ganbert.track.mlflow_model import load_model
 
     explicit = explicit or set()
     if bool(args.model) == bool(args.baseline):

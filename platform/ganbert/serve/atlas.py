@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ganbert.prep import brainmask
 from ganbert.ingest.phantom.anatomy import template
+from ganbert.prep import brainmask
 
 DESCRIPTION = ("phantom template regions (ellipsoids in MNI mm x MNI152 tissue classes, data.phantom.REGIONS) warped "
                "by the affine template registration, nearest neighbour: a coarse atlas")

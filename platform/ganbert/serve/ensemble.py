@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ganbert.serve.atlas import DESCRIPTION as ATLAS
 from ganbert.config import Config, GeometryConfig
 from ganbert.ingest.phantom import LABEL, REFERENCE, REGIONS
-from ganbert.scoring.evaluate import POSITIVITY, positivity
 from ganbert.models.intensity import mri_stats, normalise_mri, restore_pet
+from ganbert.scoring.evaluate import POSITIVITY, positivity
 from ganbert.scoring.metrics import composite_suvr, regional_suvr
+from ganbert.serve.atlas import DESCRIPTION as ATLAS
 
 LR_AXIS_MRI = 2  # (B, 1, D, H, W): D is RAS x (left -> right)
 LR_AXIS_PET = 2  # (B, T, d, h, w): d is RAS x

@@ -19,9 +19,9 @@ import torch
 
 from ganbert.common.atomic import write_text
 from ganbert.config import GeometryConfig
-from ganbert.prep import brainmask
 from ganbert.ingest import dicom
 from ganbert.ingest.nifti import VolumeError
+from ganbert.prep import brainmask
 from ganbert.prep.grid import conform_array, pet_affine, resample_pet
 from ganbert.prep.pair import REGISTRATIONS, registered_pet_affine
 from ganbert.scoring.evaluate import subject_metrics

@@ -37,18 +37,17 @@ import numpy as np
 from nibabel.spatialimages import SpatialImage
 from torch import nn
 
-from ganbert.serve import atlas, ensemble, reference
-from ganbert.prep import qc
 from ganbert.common.atomic import create_file, write_csv
-from ganbert.config import Config, GeometryConfig
-from ganbert.prep import brainmask
-from ganbert.ingest import dicom
-from ganbert.prep.grid import conform_array, conform_mri, pet_affine
-from ganbert.ingest.nifti import VolumeError, image_data, is_nifti_name
-from ganbert.track.model_card import summary as card_summary
-from ganbert.track.mlflow_model import load_model_and_card
 from ganbert.common.progress import Progress
+from ganbert.config import Config, GeometryConfig
+from ganbert.ingest import dicom
+from ganbert.ingest.nifti import VolumeError, image_data, is_nifti_name
+from ganbert.prep import brainmask, qc
+from ganbert.prep.grid import conform_array, conform_mri, pet_affine
+from ganbert.serve import atlas, ensemble, reference
 from ganbert.serve.qc_picture import qc_png
+from ganbert.track.mlflow_model import load_model_and_card
+from ganbert.track.model_card import summary as card_summary
 
 OUTPUT_SUFFIX = "_pet.nii.gz"
 REPORT = "synthesis.csv"
@@ -235,7 +234,8 @@ def synthesize_batch(members: Members, batch: Sequence[Prepared]) -> list[Synthe
     for b, prep in enumerate(batch):
         mean, sd = ensemble.mean_and_sd(outs[:, b])
         regions = (ensemble.regional(outs[:, b], prep.labels, g.tracer) if prep.labels is not None else
-                   {"atlas": atlas.DESCRIPTION, "error": "no template registration (QC stopped before or at it), so no atlas"})
+                   {"atlas": atlas.DESCRIPTION,
+                    "error": "no template registration (QC stopped before or at it), so no atlas"})
         results.append(Synthesis(mean, sd, regions))
     return results
 
@@ -253,7 +253,8 @@ def stem(path: Path | str) -> str:
 
 
 def sidecars(out_path: Path | str) -> dict[str, Path]:
-    """Every file of one output: pet (`out_path`), sd, qc_json, qc_png (`<out stem>_sd.nii.gz`, `_qc.json`, `_qc.png`)."""
+    """Every file of one output: pet (`out_path`), sd, qc_json, qc_png (`<out stem>_sd.nii.gz`, `_qc.json`,
+    `_qc.png`)."""
     out_path = Path(out_path)
     base = stem(out_path)
     return {"pet": out_path, "sd": out_path.with_name(f"{base}_sd.nii.gz"),
@@ -503,8 +504,8 @@ def _run_on_ray(jobs: list[tuple[Path, Path]], members: Members, models: Sequenc
     yields Results as inputs finish (any order)."""
     import ray
 
-    from ganbert.store.datacontext import quiet_data_context
     from ganbert.common.raysession import ensure_ray
+    from ganbert.store.datacontext import quiet_data_context
 
     ensure_ray(num_cpus or LOCAL_RAY_CPUS)
     quiet_data_context()
@@ -704,6 +705,6 @@ def main(args: argparse.Namespace) -> int:
         m, reg = scored["metrics"], scored["registration"]
         print(f"reference: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, in-brain PSNR {m['psnr_brain']:.2f}, "
               f"W1 {m['wasserstein']:.2f} (registration {reg['mode']}"
-              + (f", MI {reg['mutual_information']:.3f}, rotation {reg['rotation_deg']:.1f} deg" if reg["mode"] == "rigid"
-                 else "") + f") -> {path}")
+              + (f", MI {reg['mutual_information']:.3f}, rotation {reg['rotation_deg']:.1f} deg"
+                 if reg["mode"] == "rigid" else "") + f") -> {path}")
     return 0

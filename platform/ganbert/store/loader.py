@@ -262,7 +262,8 @@ def torch_batches(dataset_or_shard: Any, batch_size: int, drop_last: bool = Fals
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not hasattr(dataset_or_shard, "iter_batches"):
-        raise ValueError(f"dataset_or_shard must be a Ray Dataset or DataIterator, got {type(dataset_or_shard).__name__}")
+        raise ValueError("dataset_or_shard must be a Ray Dataset or DataIterator, "
+                         f"got {type(dataset_or_shard).__name__}")
     kwargs: dict[str, Any] = {"batch_size": batch_size, "batch_format": "numpy", "drop_last": drop_last,
                               "prefetch_batches": 1}
     for batch in dataset_or_shard.iter_batches(**kwargs):

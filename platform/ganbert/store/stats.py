@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 import safetensors.numpy
+import torch
 from safetensors.torch import save_file
 
 from ganbert.common import home
 from ganbert.config import TRACERS
-from ganbert.store import loader, shards
-from ganbert.store.part import Part
 from ganbert.models.intensity import normalise_mri, normalise_pet
 from ganbert.models.sequence import summarise
+from ganbert.store import loader, shards
+from ganbert.store.part import Part
 
 QUANTILES = (0.0, 0.001, 0.01, 0.5, 0.99, 0.999, 1.0)
 KEY = "train_stats"
@@ -54,7 +54,8 @@ def tracer_stats(data_dir: Path | str, tracer: str, length: int, part: str | Par
         shape = np.asarray(row["pet"]).shape
         mri_parts.append(mri)
         pet_parts.append(pet)
-        total, total_sq, count = total + float(voxels.sum()), total_sq + float(np.square(voxels).sum()), count + voxels.size
+        total, total_sq = total + float(voxels.sum()), total_sq + float(np.square(voxels).sum())
+        count += voxels.size
         volume = voxels if volume is None else volume + voxels
     if not mri_parts or volume is None:
         return None

@@ -200,9 +200,8 @@ def load_model(model: str, tracking_uri: str | None = None) -> tuple[Any, Any]:
 
 def load_model_and_card(model: str, tracking_uri: str | None = None) -> tuple[Any, Any, dict[str, Any] | None]:
     """`load_model` plus the folder's model card metadata (None for a model published before model cards)."""
+    from ganbert.models.saved import load_generator, pick_device
     from ganbert.track.model_card import read_metadata
-    from ganbert.models.saved import load_generator
-    from ganbert.models.saved import pick_device
 
     with tempfile.TemporaryDirectory(prefix="ganbert-model-") as tmp:
         folder = resolve_model_dir(model, tracking_uri, dst=tmp)

@@ -167,7 +167,8 @@ def render(meta: dict[str, Any]) -> str:
     lines += ["", "## Method and run", "",
               f"Method `{meta['method']}`, preset `{meta['preset']}` (full config in metadata.json and config.yaml). "
               + (f"Epoch {run['best_epoch']} chosen on val PSNR {_num(run.get('best_val_psnr'))} dB; "
-                 if "best_epoch" in run else "") + (f"MLflow run {run['mlflow_run_id']}. " if run.get("mlflow_run_id") else ""),
+                 if "best_epoch" in run else "")
+              + (f"MLflow run {run['mlflow_run_id']}. " if run.get("mlflow_run_id") else ""),
               f"Code: ganbert {code['version']}, git commit {code['commit']}"
               + (" (with uncommitted changes)" if code.get("dirty") else "") + ".", "",
               "## Test-split metrics", ""] + _metrics_table(meta.get("metrics")) + [

@@ -9,12 +9,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
-from torch import nn
 
 from ganbert import config as config_mod
 from ganbert.config import Config
-from ganbert.models.saved import CONFIG_FILE, OPTIM_FILE, STATE_FILE, network_file, staging_dir, unwrap
 from ganbert.models import Networks
+from ganbert.models.saved import CONFIG_FILE, OPTIM_FILE, STATE_FILE, network_file, staging_dir, unwrap
 from ganbert.train.step import Optimisers
 
 

@@ -24,19 +24,25 @@ import ray.train.torch
 import torch
 
 from ganbert.common import home
+from ganbert.common.raysession import ensure_ray
 from ganbert.config import Config, from_dict
+from ganbert.models import Networks, build_networks, tokens
+from ganbert.models.saved import (
+    CONFIG_FILE,
+    MODEL_URI_FILE,
+    STATE_FILE,
+    load_generator,
+    place_networks,
+    save_model_dir,
+    unwrap,
+)
+from ganbert.scoring.evaluate import validate_generator
 from ganbert.store import folds, loader, stats
 from ganbert.store.folds import Fold
 from ganbert.store.part import Part
-from ganbert.scoring.evaluate import validate_generator
 from ganbert.track.model_card import write_model_card
-from ganbert.models.saved import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
-from ganbert.models import Networks, build_networks, tokens
-from ganbert.common.raysession import ensure_ray
 from ganbert.track.tracking import MLflowTracker, Tracker, end_open_run, make_tracker
-from ganbert.models.saved import load_generator, save_model_dir, unwrap
 from ganbert.train.checkpoint import load_state, save_state
-from ganbert.models.saved import place_networks
 from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch
 
 FAULT_ENV = "GANBERT_FAULT_AT"  # "epoch:step:rank:marker-file": SIGKILL that worker once (failure tests)
@@ -153,6 +159,8 @@ def training_state(cfg: Config, device: torch.device, total_steps: int, checkpoi
 def _quiet_train_reports() -> None:
     """Silence Train V2's per-report INFO dump ("Reporting training result N: TrainingReport(...)"), logged by a
     logger named after its module's file, so neither ray.train's level nor Ray's LoggingConfig reach it."""
+    # Private on purpose: Ray 2.60 has no public setting for this logger (it is logging.getLogger(__file__) in
+    # ray/train/v2/_internal/execution/context.py), so only its module's file names it.
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
@@ -265,7 +273,8 @@ def end_validated_epoch(cfg: Config, loop_cfg: dict[str, Any], nets: Networks, o
     figures = tmp / "figures"
     began = time.perf_counter()
     # the plain module: a DDP forward would sync buffers with ranks that are not validating
-    report.update(validate_generator(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures, val))
+    report.update(validate_generator(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device,
+                                     figures, val))
     saving = time.perf_counter()
     keep = keeps(cfg, epoch, last, report["val_psnr"], best)
     best = best_after(report["val_psnr"], best)
@@ -392,7 +401,8 @@ def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainRe
     if int((result.metrics or {}).get("epoch", cfg.optim.epochs - 1)) < cfg.optim.epochs - 1:  # stopped early
         end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "KILLED", replace=("FINISHED",))
     seconds = {"inputs": training - began, "train": publishing - training, "publish": time.perf_counter() - publishing}
-    return TrainResult(metrics=dict(result.metrics or {}), checkpoint=result.checkpoint.path if result.checkpoint else None,
+    return TrainResult(metrics=dict(result.metrics or {}),
+                       checkpoint=result.checkpoint.path if result.checkpoint else None,
                        best_checkpoint=best.path if best is not None else None, model_uri=uri, run_id=run_id,
                        model_dir=model_dir, seconds=seconds)
 
@@ -408,6 +418,7 @@ def main(args: argparse.Namespace, cfg: Config, data_dir: str) -> int:
     out = fit(cfg, data_dir, tracking_uri)
     print("[train] final: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(out.metrics.items())
                                        if isinstance(v, float) and k.startswith("val_")))
-    print(f"checkpoint: {out.checkpoint}\nbest checkpoint: {out.best_checkpoint}\nmodel: {out.model_uri or out.model_dir}"
+    print(f"checkpoint: {out.checkpoint}\nbest checkpoint: {out.best_checkpoint}\n"
+          f"model: {out.model_uri or out.model_dir}"
           f"\ntracking: {tracking_uri}")
     return 0

@@ -6,7 +6,8 @@ import contextlib
 import math
 import random
 from dataclasses import dataclass
-from typing import Iterator, Sequence as Seq
+from typing import Iterator
+from typing import Sequence as Seq
 
 import numpy as np
 import torch
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ganbert.config import Config
-from ganbert.models.intensity import normalise_mri, normalise_pet
 from ganbert.models import Networks
+from ganbert.models.intensity import normalise_mri, normalise_pet
 from ganbert.models.saved import unwrap
 from ganbert.models.sequence import Sequence, Vocabulary, build_sequence, mask_positions, mask_sequence, summarise
 

@@ -5,7 +5,15 @@ space, DICOM); `ganbert phantom --out DIR` runs `layout.main`.
 """
 
 from ganbert.ingest.phantom.anatomy import LABEL, REGIONS, SIZES, make_subject
-from ganbert.ingest.phantom.layout import (DICOM_IDENTITY, FORMATS, HEADER_TEXT, PET_SPACES, STANDARD_GRIDS, main, write_cohort)
+from ganbert.ingest.phantom.layout import (
+           DICOM_IDENTITY,
+           FORMATS,
+           HEADER_TEXT,
+           PET_SPACES,
+           STANDARD_GRIDS,
+           main,
+           write_cohort,
+)
 from ganbert.ingest.phantom.site import SITES, Site
 from ganbert.ingest.phantom.uptake import REFERENCE
 

@@ -18,7 +18,17 @@ import numpy as np
 from ganbert.common.atomic import write_csv, write_text
 from ganbert.config import TRACERS
 from ganbert.ingest.adni import ADNI_COLUMNS as COLUMNS
-from ganbert.ingest.phantom.anatomy import (BRAIN_CENTRE, REGIONS, SIZES, Subject, grid_affine, make_subject, rotation_matrix, synth_t1, t1_anatomy)
+from ganbert.ingest.phantom.anatomy import (
+    BRAIN_CENTRE,
+    REGIONS,
+    SIZES,
+    Subject,
+    grid_affine,
+    make_subject,
+    rotation_matrix,
+    synth_t1,
+    t1_anatomy,
+)
 from ganbert.ingest.phantom.site import SITES
 from ganbert.ingest.phantom.uptake import BRAAK_REGIONS, REFERENCE, pet_anatomy, synth_frames, synth_suvr
 
@@ -37,7 +47,8 @@ def _atomic_save(img: nib.Nifti1Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _nifti(data: np.ndarray, affine: np.ndarray, dtype: type, descrip: str, frame_s: float | None = None) -> nib.Nifti1Image:
+def _nifti(data: np.ndarray, affine: np.ndarray, dtype: type, descrip: str,
+           frame_s: float | None = None) -> nib.Nifti1Image:
     img = nib.Nifti1Image(data, affine)
     img.set_data_dtype(dtype)
     img.header.set_xyzt_units("mm", "sec")
@@ -77,7 +88,8 @@ def _file_name(subj: Subject, modality: str, description: str, when: dt.datetime
                suffix: str) -> str:
     folder = description.replace(" ", "_").replace("/", "_")
     mod = "MR" if modality == "MRI" else "PT"
-    return f"ADNI_{subj.subject}_{mod}_{folder}_br_raw_{when:%Y%m%d%H%M%S}{when.microsecond // 1000:03d}_1_S{series}_{image_id}{suffix}"
+    stamp = f"{when:%Y%m%d%H%M%S}{when.microsecond // 1000:03d}"
+    return f"ADNI_{subj.subject}_{mod}_{folder}_br_raw_{stamp}_1_S{series}_{image_id}{suffix}"
 
 
 PET_SPACES = ("t1", "adni-standard")
@@ -89,7 +101,8 @@ MAX_MOTION_DEG, MAX_MOTION_MM = 10.0, 15.0
 
 
 def standard_motion(subj: Subject, seed: int, tracer_index: int, brain_world: np.ndarray) -> np.ndarray:
-    """(4, 4) true pose of a standard-grid PET: header world (AC-PC-like, brain centre at BRAIN_CENTRE) -> subject world.
+    """(4, 4) true pose of a standard-grid PET: header world (AC-PC-like, brain centre at BRAIN_CENTRE) -> subject
+    world.
 
     The subject's head pose is undone, then a random rigid motion (rotations up to MAX_MOTION_DEG about each
     axis, translation up to MAX_MOTION_MM along each) is applied about the brain centre.
@@ -217,7 +230,8 @@ def write_subject(root: Path, subj: Subject, tracers: Sequence[str], size: str, 
         files: list[str] = []
         if tracer == "AV1451":  # one 3D file per frame, as some converters write dynamic series
             for k in range(frames.shape[3]):
-                name = _file_name(subj, "PET", desc, stamp, series_base + 10 + t_index, image_id, f"_{k + 1:02d}.nii.gz")
+                name = _file_name(subj, "PET", desc, stamp, series_base + 10 + t_index, image_id,
+                                  f"_{k + 1:02d}.nii.gz")
                 _atomic_save(_nifti(frames[..., k], header_aff, np.int16, descrip), folder / name)
                 files.append((folder / name).relative_to(root).as_posix())
         else:
@@ -226,7 +240,8 @@ def write_subject(root: Path, subj: Subject, tracers: Sequence[str], size: str, 
             files.append((folder / name).relative_to(root).as_posix())
         scans.append(Scan(image_id, "PET", desc, tracer, "init", day, tuple(files)))
         if not labels_written:
-            _atomic_save(_nifti(truth.labels, pet_aff, np.uint8, "regions"), root / "truth" / f"{subj.subject}_regions.nii.gz")
+            _atomic_save(_nifti(truth.labels, pet_aff, np.uint8, "regions"),
+                         root / "truth" / f"{subj.subject}_regions.nii.gz")
             labels_written = True
         truth_rows[tracer] = {"image_id": image_id, "reference": list(REFERENCE[tracer]), "suvr": truth.regional,
                               "frames": int(frames.shape[3]), "raw_min": round(float(frames.min()), 2),
@@ -306,7 +321,8 @@ def write_cohort(out: Path, subjects: int, tracers: Sequence[str], size: str, se
     tag = f"{size}_{seed}" if site == "A" else f"{size}_{seed}_site{site}"
     csv_path = out / f"PHANTOM_{tag}_{DOWNLOADED.month}_{DOWNLOADED.day:02d}_{DOWNLOADED.year}.csv"
     write_csv(csv_path, COLUMNS, rows, quoting=csv.QUOTE_ALL)
-    meta = {"generator": "ganbert.ingest.phantom", "size": size, "seed": seed, "subjects": subjects, "pet_space": pet_space, "format": fmt,
+    meta = {"generator": "ganbert.ingest.phantom", "size": size, "seed": seed, "subjects": subjects,
+            "pet_space": pet_space, "format": fmt,
             **({} if site == "A" else {"site": dataclasses.asdict(SITES[site])}),
             "tracers": tracers, "regions": {str(k): v for k, v in REGIONS.items()},
             "reference_regions": {t: list(REFERENCE[t]) for t in tracers},

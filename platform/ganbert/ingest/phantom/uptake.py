@@ -8,7 +8,16 @@ import numpy as np
 from scipy import ndimage
 
 from ganbert.config import TRACERS
-from ganbert.ingest.phantom.anatomy import (LABEL, REGIONS, SizeSpec, Subject, atrophy_loss, sample_at, template, template_coords)
+from ganbert.ingest.phantom.anatomy import (
+    LABEL,
+    REGIONS,
+    SizeSpec,
+    Subject,
+    atrophy_loss,
+    sample_at,
+    template,
+    template_coords,
+)
 from ganbert.ingest.phantom.site import SITES, Site
 
 FRAMES = {"AV45": 4, "AV1451": 6, "FDG": 6}  # ADNI3: AV45 4x5 min, AV1451 6x5 min, FDG 6x5 min
@@ -17,7 +26,8 @@ BRAAK_REGIONS = {1: "medial_temporal", 2: "medial_temporal", 3: "inferior_tempor
                  5: "neocortex", 6: "neocortex"}
 
 
-def suvr_params(subj: Subject, tracer: str, rng: np.random.Generator) -> tuple[dict[int, float], dict[int, float], float]:
+def suvr_params(subj: Subject, tracer: str,
+                rng: np.random.Generator) -> tuple[dict[int, float], dict[int, float], float]:
     """Per-region grey-matter SUVR, white-matter SUVR per WM region, and CSF SUVR of one subject and tracer."""
     gm_names = ("cerebellum_gm", "pons", "medial_temporal", "inferior_temporal", "temporoparietal", "neocortex",
                 "subcortical_gm")
