@@ -172,22 +172,24 @@ def kappa(real: Sequence[float], fake: Sequence[float], categories: Sequence[int
     return 1.0 - float((w * observed).sum()) / float((w * expected).sum())
 
 
+def _agreement_on(real: Sequence[float], fake: Sequence[float], read: float, name: str) -> float:
+    """Share of the subjects the real PET reads as `read` that the generated PET reads the same; Undefined with
+    none (`name` says which read, e.g. positive)."""
+    a, b = paired(real, fake, minimum=1)
+    chosen = a == read
+    if not chosen.any():
+        raise Undefined(f"no subject is {name} on the real PET")
+    return float((b[chosen] == read).mean())
+
+
 def sensitivity(real: Sequence[float], fake: Sequence[float]) -> float:
     """TP / (TP + FN) of the generated read (1 = positive) against the real read; Undefined with no real positive."""
-    a, b = paired(real, fake, minimum=1)
-    pos = a == 1.0
-    if not pos.any():
-        raise Undefined("no subject is positive on the real PET")
-    return float((b[pos] == 1.0).mean())
+    return _agreement_on(real, fake, 1.0, "positive")
 
 
 def specificity(real: Sequence[float], fake: Sequence[float]) -> float:
     """TN / (TN + FP) of the generated read (0 = negative) against the real read; Undefined with no real negative."""
-    a, b = paired(real, fake, minimum=1)
-    neg = a == 0.0
-    if not neg.any():
-        raise Undefined("no subject is negative on the real PET")
-    return float((b[neg] == 0.0).mean())
+    return _agreement_on(real, fake, 0.0, "negative")
 
 
 # --- the cohort summary of an evaluation ----------------------------------------------------------
@@ -205,7 +207,8 @@ def summary_keys(regions: Sequence[str]) -> tuple[str, ...]:
     """Every cohort key `summary` returns (besides NOTES_KEY), in a fixed order."""
     return (tuple(f"suvr.{region}.{stat}" for region in regions for stat in AGREEMENT_STATS)
             + tuple(f"{group}.{stat}" for group in ("centiloid", "metaroi") for stat in AGREEMENT_STATS)
-            + ("positivity.kappa", "positivity.sensitivity", "positivity.specificity", "braak.weighted_kappa_quadratic"))
+            + ("positivity.kappa", "positivity.sensitivity", "positivity.specificity",
+               "braak.weighted_kappa_quadratic"))
 
 
 def _column(subjects: Sequence[dict[str, Any]], key: str) -> list[float]:
