@@ -60,10 +60,10 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from ganbert.scoring import evaluate
+    from ganbert.scoring import command
     given = args.preset is not None or args.config is not None or bool(args.overrides)
     cfg = config_mod.load(args.preset or "paper", args.config, list(args.overrides)) if given else None
-    return evaluate.main(args, cfg, explicit_keys(args))
+    return command.main(args, cfg, explicit_keys(args))
 
 
 def _study(args: argparse.Namespace) -> int:
