@@ -16,7 +16,6 @@ from ganbert.models.sequence import (
     summarise,
     value_ids,
 )
-from ganbert.models.tokens import summary_range
 
 PAPER = {"scheme": "paper"}
 
@@ -93,11 +92,6 @@ def test_uncalibrated_monotonic_vocabulary_names_the_field() -> None:
     with pytest.raises(ValueError, match="sequence.mri_range"):
         Vocabulary(SequenceConfig())
     Vocabulary(SequenceConfig(**PAPER))  # the paper scheme needs no calibration
-
-
-def test_summary_range_widens_the_quantiles() -> None:
-    assert summary_range({"q0.001": -1.0, "q0.999": 9.0}) == pytest.approx((-2.0, 10.0))
-    assert summary_range({"q0.001": 4.0, "q0.999": 4.0}, margin=0.0) == (4.0, 5.0)
 
 
 def test_token_health_counts_collisions_clips_and_distinct_ids() -> None:
