@@ -233,6 +233,9 @@ def test_pyfunc_predict_matches_generator(tmp_path: Path) -> None:
         model_uri = tr.log_model(model_dir)
     local = mlflow_model.resolve_model_dir(str(model_uri), uri, dst=tmp_path / "dl").parent.parent
     assert not any(p.suffix == ".pkl" for p in local.rglob("*"))  # models-from-code, no pickle
+    # the whole package travels as code (not only the folder of the code file), so a fresh interpreter imports it
+    assert (local / "code" / "ganbert" / "__init__.py").is_file()
+    assert (local / "code" / "ganbert" / "models" / "intensity.py").is_file()
     loaded = mlflow.pyfunc.load_model(str(local))
     mri = np.random.default_rng(0).integers(0, 256, (2, 1, *cfg.geometry.mri_size)).astype(np.float32)
     out = loaded.predict(mri, params={"batch_size": 2})

@@ -68,7 +68,7 @@ def log_pyfunc_model(tracking_uri: str, experiment_id: str, run_id: str, model_d
 
     model_dir = Path(model_dir)
     _check_model_dir(model_dir)
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # the whole ganbert package travels with the model
     client = mlflow.MlflowClient(tracking_uri)
     # mlflow.pyfunc.log_model needs a fluent active run and files the LoggedModel under the fluent
     # experiment; instead create the LoggedModel in the run's experiment and call Model.log (what
@@ -82,7 +82,7 @@ def log_pyfunc_model(tracking_uri: str, experiment_id: str, run_id: str, model_d
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         info = Model.log(
             artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
-            python_model=str(package / "pyfunc_model.py"),
+            python_model=str(Path(__file__).resolve().with_name("pyfunc_model.py")),
             artifacts={MODEL_ARTIFACT: str(model_dir)},
             code_paths=[str(package)],
             pip_requirements=model_requirements(),
