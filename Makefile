@@ -1,5 +1,6 @@
 # make demo: the main job on the embedded default (local Ray, local MLflow store, phantom data).
-# make test: the test suite. Both create .venv and install with constraints.txt when needed.
+# make test: ruff (configured in pyproject.toml), then the test suite. Both create .venv and install with
+# constraints.txt when needed.
 # make gpu-check: on a GPU machine, with any python that has torch, transformers, numpy, pyyaml and safetensors
 # (no .venv, no Ray/MLflow/nibabel): PY=/path/to/python make gpu-check [GPU_CHECK_OUT=DIR].
 PY ?= python3
@@ -23,6 +24,7 @@ demo: $(STAMP)
 	$(BIN)/ganbert demo --out runs/demo
 
 test: $(STAMP)
+	$(BIN)/ruff check platform tests jobs benchmarks
 	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)

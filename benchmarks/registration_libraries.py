@@ -5,7 +5,8 @@ library's Mattes-MI rigid defaults from a centre-of-mass start. ANTs and elastix
 this in a throwaway venv:
 
     .venv/bin/ganbert phantom --out runs/regcmp --subjects 2 --tracers AV45,FDG --size paper --pet-space adni-standard
-    python3 -m venv /tmp/regvenv && /tmp/regvenv/bin/pip install -c constraints.txt antspyx itk-elastix SimpleITK nibabel scipy
+    python3 -m venv /tmp/regvenv
+    /tmp/regvenv/bin/pip install -c constraints.txt antspyx itk-elastix SimpleITK nibabel scipy
     ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 /tmp/regvenv/bin/python benchmarks/registration_libraries.py runs/regcmp
 """
 
@@ -22,7 +23,7 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
-from ganbert.data import registration  # noqa: E402  (numpy + SimpleITK only)
+from ganbert.prep import registration  # noqa: E402  (numpy + SimpleITK only)
 
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 

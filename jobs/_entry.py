@@ -38,8 +38,9 @@ def join_cluster() -> None:
     """
     if not os.environ.get("RAY_ADDRESS"):
         return
-    import ganbert
     import ray
+
+    import ganbert
 
     if not ray.is_initialized():
         ray.init(runtime_env={"py_modules": [str(Path(ganbert.__file__).resolve().parent)]}, log_to_driver=True)

@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,9 @@ from uninterrupted import UNINTERRUPTED, Uninterrupted
 
 # a Ray that the code under test starts itself (`ensure_ray`) has the session Ray's 2 CPUs
 os.environ.setdefault("GANBERT_NUM_CPUS", "2")
+
+# The data stages' fixtures (tiny phantom cohort, shards, bad inputs) that tests/ingest, prep and store use.
+pytest_plugins = ["data_fixtures"]
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +70,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Preprocessed shards of a tiny phantom cohort (12 subjects, 3 tracers), built once per session."""
     from ganbert import config
-    from ganbert.data.phantom_cache import ensure_phantom
+    from ganbert.prep.phantom_cache import ensure_phantom
 
     return str(ensure_phantom(config.tiny(), tmp_path_factory.mktemp("cache")))
 
@@ -78,7 +82,7 @@ def local_ray() -> Iterator[None]:
     starts it in another process; no test shuts this one down."""
     import ray
 
-    from ganbert.raysession import ensure_ray
+    from ganbert.common.raysession import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield
@@ -93,9 +97,9 @@ def phantom_t1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, "Path"]:
     """
     from pathlib import Path
 
-    from ganbert import qc
-    from ganbert.data import adni, dicom, phantom
-    from ganbert.synthesize import _file_key
+    from ganbert.ingest import adni, dicom, phantom
+    from ganbert.prep import qc
+    from ganbert.serve.synthesize import _file_key
 
     raw = phantom.write_cohort(tmp_path_factory.mktemp("phantom_t1"), 1, ("AV45",), "tiny", 0)
     scans = adni.ingest(raw, 365).scans
@@ -114,7 +118,7 @@ def static_pet(phantom_t1: dict[str, "Path"], tmp_path_factory: pytest.TempPathF
     import nibabel as nib
     import numpy as np
 
-    from ganbert.data.grid import resample
+    from ganbert.prep.grid import resample
 
     img = nib.load(str(phantom_t1["pet"]))
     data = img.get_fdata(dtype=np.float32).mean(axis=3)

@@ -177,7 +177,8 @@ def cluster() -> Iterator[Cluster]:
     dashboard = free_port()
     ports = {flag: free_port() for flag in ("--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                                              "--runtime-env-agent-port", "--metrics-export-port",
-                                             "--ray-client-server-port", "--node-manager-port", "--object-manager-port")}
+                                             "--ray-client-server-port", "--node-manager-port",
+                                             "--object-manager-port")}
     log_path = root / "ray-start.log"
     log = log_path.open("wb")
     proc = subprocess.Popen(

@@ -45,8 +45,10 @@ class TwoNodes:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH", "MLFLOW_TRACKING_URI")}
-        self.env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+        dropped = ("RAY_ADDRESS", "PYTHONPATH", "MLFLOW_TRACKING_URI")
+        self.env = {k: v for k, v in os.environ.items() if k not in dropped}
+        self.env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+                        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
         self.gcs = f"127.0.0.1:{free_port()}"
         self.dashboard = free_port()
         self.head = self._start(["--head", "--port", self.gcs.split(":")[1], "--dashboard-host", "127.0.0.1",

@@ -1,5 +1,5 @@
-"""The pure layers (networks, sequences, the GAN step, metrics, input QC, ensembles, atlas, model cards) import
-neither Ray nor MLflow."""
+"""The pure layers (models/: networks, sequences, tokens, intensity, the model folder; the GAN step, metrics, input QC,
+ensembles, atlas, model cards) import neither Ray nor MLflow."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 
 PLATFORM = Path(__file__).resolve().parents[1] / "platform"
 PURE = ["ganbert.models"] + sorted(f"ganbert.models.{p.stem}" for p in (PLATFORM / "ganbert" / "models").glob("*.py")
-                                   if p.stem != "__init__") + ["ganbert.sequence", "ganbert.train.step",
-                                                               "ganbert.metrics", "ganbert.biomarkers", "ganbert.qc",
-                                                               "ganbert.atlas", "ganbert.ensemble", "ganbert.model_card"]
+                                   if p.stem != "__init__") + [
+    "ganbert.train.step", "ganbert.scoring.metrics", "ganbert.scoring.biomarkers", "ganbert.prep.qc",
+    "ganbert.serve.atlas", "ganbert.serve.ensemble", "ganbert.track.model_card"]
 EDGES = ("ray", "mlflow")
 
 

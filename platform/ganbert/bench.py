@@ -7,8 +7,8 @@ import json
 import math
 import multiprocessing
 import os
-import resource
 import platform as stdlib_platform
+import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,10 +17,10 @@ from typing import Any, Iterator
 import torch
 
 from ganbert import config as config_mod
-from ganbert.atomic import write_text
-from ganbert.config import Config
-from ganbert.models import METHODS, build_networks
-from ganbert.train.device import pick_device, place_networks
+from ganbert.common.atomic import write_text
+from ganbert.config import METHODS, Config
+from ganbert.models import build_networks
+from ganbert.models.saved import pick_device, place_networks
 from ganbert.train.step import Batch, gan_step, make_optimisers, seed_everything
 
 BENCHMARKS = Path("BENCHMARKS.md")
@@ -49,7 +49,7 @@ def isolated_step_figures(cfg: Config, steps: int, device: torch.device) -> dict
 
 def random_data_config(cfg: Config) -> Config:
     """`cfg` with a token space for N(0, 1) random data (`random_micro_batches`) unless it has one."""
-    if cfg.calibrated:
+    if cfg.token_space_fixed:
         return cfg
     return config_mod.apply(cfg, {"sequence.mri_range": (-4.0, 4.0), "sequence.pet_range": (-4.0, 4.0)})
 
@@ -120,18 +120,21 @@ def bench_tokens(cfg: Config, data_dir: str) -> list[str]:
     Rows: share of real MRI / PET summary values that collide (paper wrap ids) or clip (monotonic), and the
     distinct value ids they use (of `sequence.vocab_values`).
     """
-    from ganbert.data import shards
-    from ganbert.data.stats import calibrated, token_health
+    from ganbert.models.tokens import calibrate_token_space, token_health
+    from ganbert.store import shards
+    from ganbert.store.stats import for_run, split_summaries
 
     lines = ["| tracer | scheme | MRI collide/clip | PET collide/clip | MRI distinct ids | PET distinct ids |",
              "| --- | --- | --- | --- | --- | --- |"]
     tracers = sorted({s["tracer"] for s in shards.read_manifest(data_dir)["shards"]})
     for tracer in tracers:
         base = config_mod.apply(cfg, {"geometry.tracer": tracer})
+        calibrated = calibrate_token_space(base, for_run(data_dir, tracer, base.sequence.length))
+        summaries = split_summaries(data_dir, "val", tracer, base.sequence.length)
         for name, run_cfg in (("paper, s=1000", config_mod.apply(base, {"sequence.scheme": "paper",
                                                                        "sequence.scale": 1000.0})),
-                              ("monotonic, calibrated (default)", calibrated(base, data_dir)[0])):
-            h = token_health(run_cfg, data_dir)
+                              ("monotonic, calibrated (default)", calibrated)):
+            h = token_health(run_cfg, summaries)
             lines.append(f"| {tracer} | {name} | {h['token_mri_collide_or_clip']:.1%} | "
                          f"{h['token_pet_collide_or_clip']:.1%} | {h['token_mri_distinct']:.0f} | "
                          f"{h['token_pet_distinct']:.0f} |")
@@ -159,42 +162,28 @@ def write_section(title: str, lines: list[str], path: Path = BENCHMARKS) -> None
 
 
 def loader_figures(cfg: Config, data_dir: str, epochs: int = 2) -> dict[str, float]:
-    """Train-split rows/s, same run: the former loader (shard order + 16-row local shuffle) vs the per-epoch
-    permutation of the whole split (`loader.epoch_dataset`); also how far each moves rows between epochs."""
+    """Train-split rows/s of the loader training uses (the seeded per-epoch permutation of the whole split,
+    `loader.epoch_dataset`), and how far it moves rows between epochs."""
     import numpy as np
 
-    from ganbert.data import loader
+    from ganbert.store import loader
 
     tracer, b = cfg.geometry.tracer, cfg.optim.batch_size
-
-    def timed(batches: Iterator[dict]) -> tuple[list[str], float]:
+    orders, seconds = [], 0.0
+    for epoch in range(epochs):
         start = time.perf_counter()
-        ids = [i for batch in batches for i in batch["pet_image_id"]]
-        return ids, time.perf_counter() - start
-
-    out: dict[str, float] = {}
-    for name in ("before", "after"):
-        orders, seconds = [], 0.0
-        for epoch in range(epochs):
-            if name == "before":
-                ds = loader.legacy_read_split(data_dir, "train", tracer)
-                ids, t = timed(loader.torch_batches(ds, b, shuffle_seed=cfg.run.seed + epoch))
-            else:
-                ids, t = timed(loader.torch_batches(loader.epoch_dataset(data_dir, "train", tracer, cfg.run.seed,
-                                                                         epoch), b))
-            orders.append(ids)
-            seconds += t
-        rank = {i: k for k, i in enumerate(orders[0])}
-        moved = np.abs(np.array([rank[i] - k for k, i in enumerate(orders[1])], dtype=float))
-        out[f"{name}_rows_per_s"] = sum(len(o) for o in orders) / seconds
-        out[f"{name}_mean_displacement_rows"] = float(moved.mean())
-    out["rows"] = float(len(orders[0]))
-    return out
+        batches = loader.torch_batches(loader.epoch_dataset(data_dir, "train", tracer, cfg.run.seed, epoch), b)
+        orders.append([i for batch in batches for i in batch["pet_image_id"]])
+        seconds += time.perf_counter() - start
+    rank = {i: k for k, i in enumerate(orders[0])}
+    moved = np.abs(np.array([rank[i] - k for k, i in enumerate(orders[1])], dtype=float))
+    return {"rows_per_s": sum(len(o) for o in orders) / seconds, "mean_displacement_rows": float(moved.mean()),
+            "rows": float(len(orders[0]))}
 
 
 def phantom_t1(size: str) -> str:
     """The phantom's raw T1 and standard PET grids of a size, in words."""
-    from ganbert.data import phantom
+    from ganbert.ingest import phantom
     spec = phantom.SIZES[size]
     shape, zooms = phantom.STANDARD_GRIDS[size]
     return f"{spec.t1_shape} at {spec.t1_zooms} mm, PET {shape} at {zooms} mm"
@@ -202,10 +191,11 @@ def phantom_t1(size: str) -> str:
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     if args.what == "uncertainty":
-        from ganbert import uncertainty
+        from ganbert.experiments import uncertainty
 
         if not args.study or not args.row:
-            raise ValueError("bench uncertainty needs --study DIR (a finished `ganbert study --folds K`) and --row NAME")
+            raise ValueError("bench uncertainty needs --study DIR (a finished `ganbert study --folds K`) "
+                             "and --row NAME")
         found = uncertainty.measure(Path(args.study), args.row)
         text = uncertainty.render(found)
         write_text(Path(args.study) / f"uncertainty-{args.row.replace(' ', '-')}.json", json.dumps(found, indent=1))
@@ -216,7 +206,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         print(text)
         return 0
     if args.what == "registration":
-        from ganbert.data.bench import bench_registration
+        from ganbert.prep.bench import bench_registration
         size = {"tiny": "tiny", "demo": "demo"}.get(cfg.preset, "paper")
         figures = bench_registration(size)
         lines = [f"Command: `ganbert bench registration --preset {cfg.preset}` on {_machine(torch.device('cpu'))}: "
@@ -229,9 +219,10 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         print("\n".join(lines))
         return 0
     if args.what == "qc":
-        from ganbert.qc_bench import bench_qc
+        from ganbert.prep.qc_bench import bench_qc
         lines = [f"Command: `ganbert bench qc --subjects {args.subjects}` on {_machine(torch.device('cpu'))}: input QC "
-                 "(`ganbert.qc`) of phantom T1s and the MNI152 head (must pass), generated non-T1 inputs (must fail) "
+                 "(`ganbert.prep.qc`) of phantom T1s and the MNI152 head (must pass), "
+                 "generated non-T1 inputs (must fail) "
                  "and image files shipped in installed wheels; seconds include reading the file.", ""]
         lines += bench_qc(args.subjects, say=lambda line: print(f"[qc] {line}", flush=True))
         if args.write:
@@ -239,7 +230,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         print("\n".join(lines))
         return 0
     if args.what == "tokens":
-        from ganbert.train.loop import data_dir_for
+        from ganbert.prep.phantom_cache import data_dir_for
         data_dir = data_dir_for(cfg, args.data)
         lines = [f"Command: `ganbert bench tokens --preset {cfg.preset}" + (" --data DIR`" if args.data else
                                                                              "` (the cached phantom cohort)")
@@ -250,17 +241,17 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         print("\n".join(lines))
         return 0
     if args.what == "loader":
-        from ganbert.raysession import ensure_ray
-        from ganbert.train.loop import data_dir_for
+        from ganbert.common.raysession import ensure_ray
+        from ganbert.prep.phantom_cache import data_dir_for
 
         ensure_ray()
         figures = loader_figures(cfg, data_dir_for(cfg, getattr(args, "data", None)))
-        print(f"bench loader: preset {cfg.preset}, tracer {cfg.geometry.tracer}, 2 epochs of the train split; "
-              "before = shard order + local shuffle buffer, after = seeded per-epoch permutation")
+        print(f"bench loader: preset {cfg.preset}, tracer {cfg.geometry.tracer}, 2 epochs of the train split "
+              "(the seeded per-epoch permutation)")
         print("\n".join(f"- {k}: {v:.2f}" for k, v in figures.items()))
         return 0
     if args.what == "preprocess":
-        from ganbert.data.bench import bench_preprocess
+        from ganbert.prep.bench import bench_preprocess
         figures = bench_preprocess(cfg)
         g = cfg.geometry
         lines = [f"Command: `ganbert bench preprocess --preset {cfg.preset}` on {_machine(torch.device('cpu'))}: "

@@ -1,4 +1,4 @@
-"""The `ganbert` command line: `ganbert {phantom,preprocess,train,tune,evaluate,study,report,synthesize,bench,demo} --help`."""
+"""The `ganbert` command line: `ganbert {phantom,preprocess,train,...,bench,demo} --help` (one handler per stage)."""
 
 from __future__ import annotations
 
@@ -36,51 +36,57 @@ def explicit_keys(args: argparse.Namespace) -> set[str]:
 # --- handlers (imports are lazy so `ganbert --help` stays fast) ----------------------------------
 
 def _phantom(args: argparse.Namespace) -> int:
-    from ganbert.data import phantom
+    from ganbert.ingest import phantom
     return phantom.main(args)
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from ganbert.data import preprocess
+    from ganbert.prep import preprocess
     return preprocess.main(args, load_config(args))
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ganbert.common.raysession import ensure_ray
+    from ganbert.prep.phantom_cache import data_dir_for
     from ganbert.train import loop
-    return loop.main(args, load_config(args))
+    cfg = load_config(args)
+    ensure_ray(dashboard=True)  # before the phantom may be built, as `ganbert train` always started it
+    return loop.main(args, cfg, data_dir_for(cfg, args.data))
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from ganbert import tune
+    from ganbert.experiments import tune
     return tune.main(args, load_config(args))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from ganbert import evaluate
+    from ganbert.scoring import command
     given = args.preset is not None or args.config is not None or bool(args.overrides)
     cfg = config_mod.load(args.preset or "paper", args.config, list(args.overrides)) if given else None
-    return evaluate.main(args, cfg, explicit_keys(args))
+    return command.main(args, cfg, explicit_keys(args))
 
 
 def _study(args: argparse.Namespace) -> int:
-    from ganbert import study
+    from ganbert.experiments import study
     return study.main(args, load_config(args))
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ganbert import report
+    from ganbert.experiments import report
     return report.main(args)
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-    from ganbert import synthesize
+    from ganbert.serve import synthesize
     return synthesize.main(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "overhead":
+        from ganbert.prep.phantom_cache import data_dir_for
         from ganbert.train import overhead
-        return overhead.main(args, load_config(args))
+        cfg = load_config(args)
+        return overhead.main(args, cfg, data_dir_for(cfg, args.data))  # built (and cached) before the clock starts
     from ganbert import bench
     return bench.main(args, load_config(args))
 
@@ -141,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", _evaluate, "per-subject test metrics of a model or the mean-PET baseline (subjects.csv, "
             "summary.json)")
-    p.add_argument("--model", default=None, help="MLflow model URI (models:/..., runs:/...) or a model/checkpoint folder")
+    p.add_argument("--model", default=None,
+                   help="MLflow model URI (models:/..., runs:/...) or a model/checkpoint folder")
     p.add_argument("--baseline", default=None, choices=("mean-pet",), help="evaluate a baseline instead of a model")
     p.add_argument("--data", required=True, help="preprocessed shards")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
@@ -209,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None, help="uncertainty: a finished `ganbert study --folds K` output folder")
     p.add_argument("--row", default=None, help="uncertainty: the study row whose fold ensemble is measured")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--data", default=None, help="tokens, loader, overhead: preprocessed shards (default: the cached phantom)")
+    p.add_argument("--data", default=None,
+                   help="tokens, loader, overhead: preprocessed shards (default: the cached phantom)")
     p.add_argument("--write", action="store_true", help="record the figures in BENCHMARKS.md")
     p.add_argument("--subjects", type=int, default=6, help="qc: phantom subjects per size (index 0 has a FLAIR)")
     _config_args(p)

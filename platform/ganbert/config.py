@@ -12,9 +12,25 @@ import yaml
 
 Shape3 = tuple[int, int, int]
 
-METHODS = ("pix2pix-tanh", "pix2pix-tanhshrink", "ganbert", "ganbert-cnnd")
 SCHEMES = ("paper", "monotonic")
 TRACERS = ("AV45", "AV1451", "FDG")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method of the paper's Table 1: the generator head and which discriminators judge it."""
+
+    head: str
+    bert: bool
+    cnn: bool
+
+
+METHODS: dict[str, Method] = {
+    "pix2pix-tanh": Method(head="tanh", bert=False, cnn=True),
+    "pix2pix-tanhshrink": Method(head="tanhshrink", bert=False, cnn=True),
+    "ganbert": Method(head="tanhshrink", bert=True, cnn=False),
+    "ganbert-cnnd": Method(head="tanhshrink", bert=True, cnn=True),
+}
 
 
 def grid_for(n: int) -> Shape3:
@@ -86,7 +102,7 @@ class SequenceConfig:
 
 @dataclass
 class ModelConfig:
-    """Method (sets the head and discriminators, see models.METHODS) and network sizes."""
+    """Method (sets the head and discriminators, see METHODS) and network sizes."""
 
     method: str = "ganbert"
     base_channels: int = 16
@@ -169,12 +185,7 @@ class Config:
         return grid_for(self.sequence.length // self.geometry.pet_frames)
 
     @property
-    def unet_depth(self) -> int:
-        """Number of stride-2 stages from the MRI size down to the bottleneck grid."""
-        return int(math.log2(self.geometry.mri_size[0] // self.mri_grid[0]))
-
-    @property
-    def calibrated(self) -> bool:
+    def token_space_fixed(self) -> bool:
         """Whether the token space is fixed: the paper scheme, or monotonic with both ranges set."""
         s = self.sequence
         return s.scheme == "paper" or ((0.0, 0.0) not in (tuple(s.mri_range), tuple(s.pet_range)))
@@ -228,7 +239,7 @@ def validate(cfg: Config) -> None:
                f"must be (low, high) with high > low, or (0, 0) to calibrate from the data; got {(lo, hi)}")
     for name, ratio in (("sequence.mri_mask_ratio", s.mri_mask_ratio), ("sequence.pet_mask_ratio", s.pet_mask_ratio)):
         _check(0.0 <= ratio < 1.0, name, f"must be in [0, 1), got {ratio}")
-    _check(m.method in METHODS, "model.method", f"must be one of {METHODS}, got {m.method!r}")
+    _check(m.method in METHODS, "model.method", f"must be one of {tuple(METHODS)}, got {m.method!r}")
     for name in ("base_channels", "max_channels", "bert_hidden", "bert_layers", "bert_heads",
                  "bert_intermediate", "cnn_channels", "cnn_layers"):
         _check(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
@@ -412,7 +423,7 @@ def load(preset: str = "paper", config_file: str | Path | None = None, overrides
 
 def save(cfg: Config, path: str | Path) -> None:
     """Write the config as YAML (atomic)."""
-    from ganbert.atomic import write_text
+    from ganbert.common.atomic import write_text
 
     write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
 

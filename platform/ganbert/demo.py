@@ -1,6 +1,7 @@
 """The main job, `make demo` (= `ganbert demo --out runs/demo`): phantom cohort -> Ray Data preprocessing ->
 Ray Train (demo preset, CPU workers: the configured method, then the L1-only U-Net) -> test-split evaluation
-(`ganbert.evaluate`, checkpoints chosen on val, beside the mean-PET baseline) -> synthesis of a held-out subject.
+(`ganbert.scoring.evaluate`, checkpoints chosen on val, beside the mean-PET baseline) -> synthesis of a held-out
+subject.
 
 Everything is written under --out; the last four lines are `model:`, `tracking:`, `synthesized:` and `qc picture:`
 (the synthesised subject's QC picture: its T1 with the registered template's brain outline and the PET over it).
@@ -15,15 +16,17 @@ import time
 from pathlib import Path
 
 from ganbert import config as config_mod
+from ganbert.common.atomic import write_text
+from ganbert.common.raysession import ensure_ray
 from ganbert.config import TRACERS, Config
-from ganbert.data import loader, phantom, preprocess, shards
-from ganbert.atomic import write_text
-from ganbert.evaluate import Evaluation, evaluate_split, generator_predictor, mean_pet, write_evaluation
-from ganbert.raysession import ensure_ray
-from ganbert.synthesize import load_members, synthesize_file
-from ganbert.tracking import set_runs_view
+from ganbert.ingest import phantom
+from ganbert.models.saved import load_generator
+from ganbert.prep import preprocess
+from ganbert.scoring.evaluate import Evaluation, evaluate_split, generator_predictor, mean_pet, write_evaluation
+from ganbert.serve.synthesize import load_members, synthesize_file
+from ganbert.store import loader, shards
+from ganbert.track.tracking import set_runs_view
 from ganbert.train import loop
-from ganbert.train.checkpoint import load_generator
 
 
 class Clock:

@@ -19,13 +19,13 @@ from typing import Any, Callable
 import torch
 
 from ganbert import config as config_mod
-from ganbert.atomic import write_text
 from ganbert.bench import peak_memory, random_data_config, random_micro_batches, step_figures, synchronize
+from ganbert.common.atomic import write_text
 from ganbert.config import Config
 from ganbert.models import Networks, build_generator, build_networks
+from ganbert.models.saved import place_networks, unwrap
 from ganbert.train.checkpoint import load_state, save_state
-from ganbert.train.device import place_networks
-from ganbert.train.step import Optimisers, gan_step, make_optimisers, seed_everything, unwrap
+from ganbert.train.step import Optimisers, gan_step, make_optimisers, seed_everything
 
 GOAL_SAMPLES_PER_S = 8.0  # per GPU, `paper` preset, fast settings
 GOAL_SPEEDUP = 1.5  # fast over plain fp32

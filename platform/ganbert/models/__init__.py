@@ -6,28 +6,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ganbert.config import Config
+from ganbert.config import METHODS, Config
 from ganbert.models.bert_disc import BertDiscriminator
 from ganbert.models.cnn_disc import PatchGAN3D
+from ganbert.models.sequence import Vocabulary
 from ganbert.models.unet3d import UNet3D
-from ganbert.sequence import Vocabulary
-
-
-@dataclass(frozen=True)
-class Method:
-    """Generator head and which discriminators judge it."""
-
-    head: str
-    bert: bool
-    cnn: bool
-
-
-METHODS: dict[str, Method] = {
-    "pix2pix-tanh": Method(head="tanh", bert=False, cnn=True),
-    "pix2pix-tanhshrink": Method(head="tanhshrink", bert=False, cnn=True),
-    "ganbert": Method(head="tanhshrink", bert=True, cnn=False),
-    "ganbert-cnnd": Method(head="tanhshrink", bert=True, cnn=True),
-}
 
 
 @dataclass
@@ -39,7 +22,8 @@ class Networks:
     cnn: nn.Module | None
 
     def named(self) -> dict[str, nn.Module]:
-        return {k: v for k, v in (("generator", self.generator), ("bert", self.bert), ("cnn", self.cnn)) if v is not None}
+        named = (("generator", self.generator), ("bert", self.bert), ("cnn", self.cnn))
+        return {k: v for k, v in named if v is not None}
 
 
 def pet_fov_ratio(cfg: Config) -> tuple[float, float, float]:
@@ -51,15 +35,17 @@ def pet_fov_ratio(cfg: Config) -> tuple[float, float, float]:
 def build_generator(cfg: Config) -> UNet3D:
     """The U-Net generator of the config's geometry, sequence length, model sizes and method head."""
     g, m = cfg.geometry, cfg.model
-    return UNet3D(g.mri_size[0], g.pet_size, g.pet_frames, cfg.sequence.length, m.base_channels, m.max_channels,
-                  METHODS[m.method].head, cfg.optim.checkpointing, pet_fov_ratio(cfg))
+    return UNet3D(mri_size=g.mri_size[0], pet_size=g.pet_size, frames=g.pet_frames, length=cfg.sequence.length,
+                  base_channels=m.base_channels, max_channels=m.max_channels, head=METHODS[m.method].head,
+                  checkpointing=cfg.optim.checkpointing, pet_fov_ratio=pet_fov_ratio(cfg))
 
 
 def build_bert(cfg: Config) -> BertDiscriminator:
     """The BERT discriminator of the config's model sizes over its token space (BERT-base at the paper preset)."""
     m = cfg.model
-    return BertDiscriminator(Vocabulary(cfg.sequence), m.bert_hidden, m.bert_layers, m.bert_heads, m.bert_intermediate,
-                             m.bert_max_positions, checkpointing=cfg.optim.checkpointing)
+    return BertDiscriminator(Vocabulary(cfg.sequence), hidden=m.bert_hidden, layers=m.bert_layers, heads=m.bert_heads,
+                             intermediate=m.bert_intermediate, max_positions=m.bert_max_positions,
+                             checkpointing=cfg.optim.checkpointing)
 
 
 def build_networks(cfg: Config) -> Networks:
@@ -74,6 +60,6 @@ def build_networks(cfg: Config) -> Networks:
     return Networks(
         generator=build_generator(cfg),
         bert=build_bert(cfg) if use_bert else None,
-        cnn=(PatchGAN3D(cfg.geometry.pet_frames, cfg.model.cnn_channels, cfg.model.cnn_layers, pet_fov_ratio(cfg))
-             if use_cnn else None),
+        cnn=(PatchGAN3D(frames=cfg.geometry.pet_frames, channels=cfg.model.cnn_channels, layers=cfg.model.cnn_layers,
+                        pet_fov_ratio=pet_fov_ratio(cfg)) if use_cnn else None),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from transformers import BertConfig, BertForPreTraining
 
-from ganbert.sequence import Sequence, Vocabulary, straight_through_embed
+from ganbert.models.sequence import Sequence, Vocabulary, straight_through_embed
 
 
 def bert_config(vocab: Vocabulary, hidden: int = 768, layers: int = 12, heads: int = 12, intermediate: int = 3072,
@@ -35,7 +35,7 @@ class BertDiscriminator(nn.Module):
     recomputes each layer's activations in the backward pass (less memory, same gradients).
     """
 
-    def __init__(self, vocab: Vocabulary, hidden: int = 768, layers: int = 12, heads: int = 12,
+    def __init__(self, vocab: Vocabulary, *, hidden: int = 768, layers: int = 12, heads: int = 12,
                  intermediate: int = 3072, max_positions: int = 1032, dropout: float = 0.1,
                  checkpointing: bool = False) -> None:
         super().__init__()

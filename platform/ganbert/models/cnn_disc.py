@@ -15,7 +15,7 @@ class PatchGAN3D(nn.Module):
     PET grid, so each PET voxel is judged against the anatomy at its own position.
     """
 
-    def __init__(self, frames: int, channels: int = 32, layers: int = 3,
+    def __init__(self, *, frames: int, channels: int = 32, layers: int = 3,
                  pet_fov_ratio: Ratio3 = (1.0, 1.0, 1.0)) -> None:
         super().__init__()
         if frames < 1 or channels < 1 or layers < 1:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ganbert.sequence import summarise
+from ganbert.models.sequence import summarise
 
 Shape3 = tuple[int, int, int]
 Ratio3 = tuple[float, float, float]
@@ -99,7 +99,7 @@ class UNet3D(nn.Module):
     conv and the `head` activation (tanhshrink or tanh), both in float32 even under autocast.
     """
 
-    def __init__(self, mri_size: int, pet_size: Shape3, frames: int, length: int = 512, base_channels: int = 16,
+    def __init__(self, *, mri_size: int, pet_size: Shape3, frames: int, length: int = 512, base_channels: int = 16,
                  max_channels: int = 256, head: str = "tanhshrink", checkpointing: bool = False,
                  pet_fov_ratio: Ratio3 = (1.0, 1.0, 1.0)) -> None:
         super().__init__()

@@ -9,20 +9,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
-from torch import nn
 
 from ganbert import config as config_mod
 from ganbert.config import Config
-from ganbert.model_files import CONFIG_FILE, GENERATOR_FILE, OPTIM_FILE, STATE_FILE, network_file
-from ganbert.models import Networks, build_generator
-from ganbert.train.step import Optimisers, unwrap
-
-
-def _atomic_dir(path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+from ganbert.models import Networks
+from ganbert.models.saved import CONFIG_FILE, OPTIM_FILE, STATE_FILE, network_file, staging_dir, unwrap
+from ganbert.train.step import Optimisers
 
 
 def _split_optimiser(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -52,29 +44,6 @@ def _join_optimiser(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
-def save_model_dir(path: Path, cfg: Config, generator: nn.Module) -> Path:
-    """`generator.safetensors` + `config.yaml`: what `ganbert synthesize` and the MLflow model load."""
-    path = Path(path)
-    tmp = _atomic_dir(path)
-    save_model(unwrap(generator), str(tmp / GENERATOR_FILE))
-    config_mod.save(cfg, tmp / CONFIG_FILE)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.replace(path)
-    return path
-
-
-def load_generator(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
-    """Generator (eval mode) and config from a model directory or a checkpoint directory."""
-    path = Path(path)
-    for name in (GENERATOR_FILE, CONFIG_FILE):
-        if not (path / name).is_file():
-            raise ValueError(f"model directory {path}: missing {name}")
-    cfg = config_mod.load_file(path / CONFIG_FILE)
-    generator = build_generator(cfg)
-    load_model(generator, str(path / GENERATOR_FILE), device=str(device))
-    return generator.to(device).eval(), cfg
-
-
 def save_state(path: Path, cfg: Config, nets: Networks, opt: Optimisers, meta: dict[str, Any]) -> Path:
     """A whole training state in `path` (atomic): every network, optimiser and scheduler, config, meta.
 
@@ -82,7 +51,7 @@ def save_state(path: Path, cfg: Config, nets: Networks, opt: Optimisers, meta: d
     end, so the state at a checkpoint fixes everything that follows (train/loop.py `train_loop_per_worker`).
     """
     path = Path(path)
-    tmp = _atomic_dir(path)
+    tmp = staging_dir(path)
     for name, module in nets.named().items():
         save_model(unwrap(module), str(tmp / network_file(name)))
     tensors, tree = _split_optimiser(opt.state_dict())

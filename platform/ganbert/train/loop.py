@@ -23,20 +23,27 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ganbert import home
+from ganbert.common import home
+from ganbert.common.raysession import ensure_ray
 from ganbert.config import Config, from_dict
-from ganbert.data import folds, loader, stats
-from ganbert.data.folds import Fold
-from ganbert.data.part import Part
-from ganbert.evaluate import validate
-from ganbert.model_card import write_model_card
-from ganbert.model_files import CONFIG_FILE, MODEL_URI_FILE, STATE_FILE
-from ganbert.models import Networks, build_networks
-from ganbert.raysession import ensure_ray
-from ganbert.tracking import MLflowTracker, Tracker, end_open_run, make_tracker
-from ganbert.train.checkpoint import load_generator, load_state, save_model_dir, save_state
-from ganbert.train.device import place_networks
-from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch, unwrap
+from ganbert.models import Networks, build_networks, tokens
+from ganbert.models.saved import (
+    CONFIG_FILE,
+    MODEL_URI_FILE,
+    STATE_FILE,
+    load_generator,
+    place_networks,
+    save_model_dir,
+    unwrap,
+)
+from ganbert.scoring.evaluate import validate_generator
+from ganbert.store import folds, loader, stats
+from ganbert.store.folds import Fold
+from ganbert.store.part import Part
+from ganbert.track.model_card import write_model_card
+from ganbert.track.tracking import MLflowTracker, Tracker, end_open_run, make_tracker
+from ganbert.train.checkpoint import load_state, save_state
+from ganbert.train.step import Batch, Optimisers, gan_step, make_optimisers, seed_everything, to_batch
 
 FAULT_ENV = "GANBERT_FAULT_AT"  # "epoch:step:rank:marker-file": SIGKILL that worker once (failure tests)
 STOP_ENV = "GANBERT_STOP_AFTER_EPOCH"  # "N": stop cleanly after epoch N (checkpointed); rerunning continues at N + 1
@@ -152,6 +159,8 @@ def training_state(cfg: Config, device: torch.device, total_steps: int, checkpoi
 def _quiet_train_reports() -> None:
     """Silence Train V2's per-report INFO dump ("Reporting training result N: TrainingReport(...)"), logged by a
     logger named after its module's file, so neither ray.train's level nor Ray's LoggingConfig reach it."""
+    # Private on purpose: Ray 2.60 has no public setting for this logger (it is logging.getLogger(__file__) in
+    # ray/train/v2/_internal/execution/context.py), so only its module's file names it.
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
@@ -264,7 +273,8 @@ def end_validated_epoch(cfg: Config, loop_cfg: dict[str, Any], nets: Networks, o
     figures = tmp / "figures"
     began = time.perf_counter()
     # the plain module: a DDP forward would sync buffers with ranks that are not validating
-    report.update(validate(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device, figures, val))
+    report.update(validate_generator(unwrap(nets.generator), loop_cfg["data_dir"], cfg.geometry.tracer, device,
+                                     figures, val))
     saving = time.perf_counter()
     keep = keeps(cfg, epoch, last, report["val_psnr"], best)
     best = best_after(report["val_psnr"], best)
@@ -304,11 +314,12 @@ def loop_config(cfg: Config, data_dir: str, tracking_uri: str, parent_run_id: st
     manifest = loader.checked_manifest(data_dir, (train_part, val_part), tracer, cfg.geometry)
     found = (folds.fold_stats(data_dir, fold, tracer, cfg.sequence.length) if fold is not None
              else stats.for_run(data_dir, tracer, cfg.sequence.length, manifest))
-    cfg = stats.calibrate(cfg, found)
+    cfg = tokens.calibrate_token_space(cfg, found)
+    health = tokens.token_health(cfg, stats.split_summaries(data_dir, val_part, tracer, cfg.sequence.length))
     return cfg, {"config": cfg.to_dict(), "data_dir": home.resolve(data_dir), "tracking_uri": tracking_uri,
                  "steps_per_epoch": steps_per_epoch(cfg, loader.rows_in(manifest, train_part, tracer)),
                  "pet_stats": (found["pet_mean_volume"], found["pet_std"]),
-                 "token_health": stats.token_health(cfg, data_dir, val_part),
+                 "token_health": health,
                  "fold": fold.to_dict() if fold is not None else None,
                  "in_memory": loader.fits_in_memory(manifest, train_part, tracer, cfg.geometry, cfg.run.in_memory_mb),
                  "parent_run_id": parent_run_id, "tags": tags, "fault": os.environ.get(FAULT_ENV),
@@ -390,28 +401,24 @@ def fit(cfg: Config, data_dir: str, tracking_uri: str, **kwargs: Any) -> TrainRe
     if int((result.metrics or {}).get("epoch", cfg.optim.epochs - 1)) < cfg.optim.epochs - 1:  # stopped early
         end_open_run(tracking_uri, cfg.run.experiment, cfg.run.name, "KILLED", replace=("FINISHED",))
     seconds = {"inputs": training - began, "train": publishing - training, "publish": time.perf_counter() - publishing}
-    return TrainResult(metrics=dict(result.metrics or {}), checkpoint=result.checkpoint.path if result.checkpoint else None,
+    return TrainResult(metrics=dict(result.metrics or {}),
+                       checkpoint=result.checkpoint.path if result.checkpoint else None,
                        best_checkpoint=best.path if best is not None else None, model_uri=uri, run_id=run_id,
                        model_dir=model_dir, seconds=seconds)
 
 
-def data_dir_for(cfg: Config, data: str | None) -> str:
-    """`--data`, else a phantom cohort of the config's geometry built and cached on first use."""
-    if data:
-        return home.resolve(data)
-    from ganbert.data.phantom_cache import ensure_phantom
-    return str(ensure_phantom(cfg, home.home() / "cache"))
-
-
-def main(args: argparse.Namespace, cfg: Config) -> int:
+def main(args: argparse.Namespace, cfg: Config, data_dir: str) -> int:
+    """`ganbert train`: fit on the shards in `data_dir` (the CLI resolves `--data` or builds the phantom first)."""
+    if not data_dir:
+        raise ValueError("data_dir must name a shards folder")
     ensure_ray(dashboard=True)
-    data_dir = data_dir_for(cfg, args.data)
     tracking_uri = args.tracking_uri or home.default_tracking_uri()
     print(f"[train] run {cfg.run.name} ({cfg.model.method}, {cfg.geometry.tracer}, preset {cfg.preset}) on "
           f"{cfg.run.workers} worker(s); data {data_dir}; tracking {tracking_uri}", flush=True)
     out = fit(cfg, data_dir, tracking_uri)
     print("[train] final: " + " ".join(f"{k}={v:.4f}" for k, v in sorted(out.metrics.items())
                                        if isinstance(v, float) and k.startswith("val_")))
-    print(f"checkpoint: {out.checkpoint}\nbest checkpoint: {out.best_checkpoint}\nmodel: {out.model_uri or out.model_dir}"
+    print(f"checkpoint: {out.checkpoint}\nbest checkpoint: {out.best_checkpoint}\n"
+          f"model: {out.model_uri or out.model_dir}"
           f"\ntracking: {tracking_uri}")
     return 0

@@ -53,7 +53,7 @@ def overhead_figures(cfg: Config, data_dir: str) -> dict[str, float]:
     """Train `cfg` once from scratch in a temporary storage and MLflow store; return `breakdown`."""
     import ray
 
-    from ganbert.raysession import ensure_ray
+    from ganbert.common.raysession import ensure_ray
     from ganbert.train.loop import fit
 
     if ray.is_initialized():
@@ -72,10 +72,10 @@ def overhead_figures(cfg: Config, data_dir: str) -> dict[str, float]:
         return breakdown(wall, ray_start, out.seconds, epoch_sums(uri, out.run_id))
 
 
-def main(args: argparse.Namespace, cfg: Config) -> int:
-    from ganbert.train.loop import data_dir_for
-
-    data_dir = data_dir_for(cfg, args.data)  # built (and cached) before the clock starts
+def main(args: argparse.Namespace, cfg: Config, data_dir: str) -> int:
+    """`ganbert bench overhead`: one fresh run on `data_dir` (built by the caller before the clock starts)."""
+    if not data_dir:
+        raise ValueError("data_dir must name a shards folder")
     parts = overhead_figures(cfg, data_dir)
     o = cfg.optim
     print(f"bench overhead: preset {cfg.preset}, {o.epochs} epochs, {cfg.run.workers} worker(s), method "

@@ -6,7 +6,8 @@ import contextlib
 import math
 import random
 from dataclasses import dataclass
-from typing import Iterator, Sequence as Seq
+from typing import Iterator
+from typing import Sequence as Seq
 
 import numpy as np
 import torch
@@ -14,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ganbert.config import Config
-from ganbert.metrics import normalise_mri, normalise_pet
 from ganbert.models import Networks
-from ganbert.sequence import (Sequence, Vocabulary, build_sequence, mask_positions, mask_sequence,
-                              summarise)
+from ganbert.models.intensity import normalise_mri, normalise_pet
+from ganbert.models.saved import unwrap
+from ganbert.models.sequence import Sequence, Vocabulary, build_sequence, mask_positions, mask_sequence, summarise
 
 LOSS_KEYS = ("l1", "nsp_d", "nsp_g", "mlm_d", "mlm_g", "cnn_d", "cnn_g", "nsp_acc")
 
@@ -101,18 +102,6 @@ def make_optimisers(nets: Networks, cfg: Config, total_steps: int) -> Optimisers
 
 # --- the step ----------------------------------------------------------------------------------
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module inside DDP and `torch.compile` wrappers (in any nesting): forwards that must not sync
-    gradients, and state dicts whose keys carry no `module.` / `_orig_mod.` prefix."""
-    while True:
-        inner = getattr(module, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(module, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return module
-        module = inner
-
-
 def _requires_grad(modules: Seq[nn.Module | None], flag: bool) -> None:
     for m in modules:
         if m is not None:
@@ -165,15 +154,15 @@ def gan_step(micro_batches: Seq[Batch], nets: Networks, opt: Optimisers, cfg: Co
     if not micro_batches:
         raise ValueError("micro_batches must not be empty")
     s, o = cfg.sequence, cfg.optim
-    g, bert, cnn = nets.generator, nets.bert, nets.cnn
+    generator, bert, cnn = nets.generator, nets.bert, nets.cnn
     adv = gan_factor(opt.step, opt.total_steps, o.gan_warmup_fraction)
     vocab = Vocabulary(s) if bert is not None else None
     n = len(micro_batches)
     sums: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
         device = batch.mri.device
-        with _no_sync([g, bert, cnn], skip=i < n - 1), _autocast(device, o.amp):
-            fake = g(batch.mri)
+        with _no_sync([generator, bert, cnn], skip=i < n - 1), _autocast(device, o.amp):
+            fake = generator(batch.mri)
             b = batch.mri.shape[0]
             out: dict[str, Tensor] = {}
             # --- discriminators ---

@@ -1,0 +1,1 @@
+"""Experiments over many training runs: tuning, the cross-validated study, paired statistics, uncertainty, report."""

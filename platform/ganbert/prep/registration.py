@@ -1,0 +1,244 @@
+"""Image registration with SimpleITK: rigid PET-to-T1 and affine template-to-T1 by Mattes mutual information.
+
+Images are given as numpy (X, Y, Z) arrays with nibabel-style voxel -> world (mm) affines. They are handed to
+ITK in the same world frame (no RAS/LPS flip is needed because both images share it), so a transform returned
+here maps a point of the fixed image's world (the T1) to the moving image's world, as ITK defines it, as a
+(4, 4) matrix in the caller's frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+LEVELS_MM = (8.0, 4.0, 2.0)  # target voxel size per resolution level (coarse to fine)
+SMOOTH_MM = (4.0, 2.0, 1.0)  # Gaussian sigma per level, physical mm
+MAX_ROTATION_DEG = 30.0  # a rigid PET-to-T1 motion beyond this is not believable
+MIN_MI = 0.05  # Mattes MI (nats) after registration below this: the images do not match
+MIN_COVERAGE = 0.7  # the moved PET must cover at least this fraction of the T1's head
+MAX_SHIFT_MM = 300.0  # a PET whose header puts it further from its T1 than this is not the T1's subject/scan
+
+
+class RegistrationError(ValueError):
+    """A registration that failed or did not pass the quality check; the message says why."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A transform (fixed world -> moving world, (4, 4)) and its quality figures."""
+
+    matrix: np.ndarray
+    mutual_information: float
+    coverage: float
+    rotation_deg: float
+    translation_mm: float
+    shift_mm: float  # how far the transform moves the centre of the T1's field of view
+    iterations: int
+    seconds: float
+
+    def record(self) -> dict[str, object]:
+        """JSON-ready record for the manifest (matrix row-major, figures rounded)."""
+        return {"fixed_to_moving": [round(float(v), 6) for v in self.matrix.reshape(-1)],
+                "mutual_information": round(self.mutual_information, 4), "coverage": round(self.coverage, 4),
+                "rotation_deg": round(self.rotation_deg, 3), "translation_mm": round(self.translation_mm, 3),
+                "shift_mm": round(self.shift_mm, 3),
+                "iterations": self.iterations}  # no wall time: a rerun must write the same manifest
+
+
+def _sitk():  # type: ignore[no-untyped-def]
+    import SimpleITK as sitk  # imported lazily: only preprocessing and synthesis need it
+
+    return sitk
+
+
+def to_sitk(data: np.ndarray, affine: np.ndarray):  # type: ignore[no-untyped-def]
+    """(X, Y, Z) array + (4, 4) affine -> SimpleITK float32 image in the same world frame."""
+    sitk = _sitk()
+    if data.ndim != 3:
+        raise ValueError(f"data must be 3D (X, Y, Z), got shape {data.shape}")
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
+        raise ValueError("affine must be a finite 4x4 matrix")
+    data, aff = canonical(data, aff)
+    # The same image read from NIfTI or DICOM can differ by float rounding (1 ulp, sub-micrometre positions), and
+    # MI optimisation amplifies any difference: quantise both (1e-5 of the range, 1e-6 mm) so they register alike.
+    aff = np.round(aff, 6)
+    quantum = max(float(np.abs(data).max()), 1e-30) * 1e-5
+    data = np.rint(np.asarray(data, dtype=np.float64) / quantum) * quantum
+    zooms = np.linalg.norm(aff[:3, :3], axis=0)
+    direction = aff[:3, :3] / zooms
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise ValueError("affine must have orthogonal voxel axes (no shear) for registration")
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0)))
+    img.SetSpacing([float(z) for z in zooms])
+    img.SetOrigin([float(v) for v in aff[:3, 3]])
+    img.SetDirection([float(v) for v in direction.reshape(-1)])
+    return img
+
+
+def canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same image with its voxel axes reordered/flipped to the closest RAS order (same world, same voxels).
+
+    Registration then sees one array whatever order a file stored its voxels in (NIfTI LPS, DICOM slices).
+    """
+    from nibabel import orientations
+
+    ornt = orientations.io_orientation(affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return data, affine
+    out = orientations.apply_orientation(data, ornt)
+    return np.ascontiguousarray(out), affine @ orientations.inv_ornt_aff(ornt, data.shape[:3])
+
+
+def _shrink_factors(spacing: Sequence[float]) -> list[int]:
+    finest = min(float(s) for s in spacing)
+    return [max(1, int(round(mm / finest))) for mm in LEVELS_MM]
+
+
+def _matrix(transform) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """4x4 of an ITK matrix-offset transform (x -> A (x - c) + c + t)."""
+    a = np.asarray(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
+    c = np.asarray(transform.GetCenter(), dtype=np.float64)
+    t = np.asarray(transform.GetTranslation(), dtype=np.float64)
+    out = np.eye(4)
+    out[:3, :3] = a
+    out[:3, 3] = c + t - a @ c
+    return out
+
+
+def _sampling(fixed, samples: int) -> float:  # type: ignore[no-untyped-def]
+    """Fraction of the finest level's voxels that gives about `samples` metric samples (at most all)."""
+    shrink = _shrink_factors(fixed.GetSpacing())[-1]
+    voxels = float(np.prod([max(1, n // shrink) for n in fixed.GetSize()]))
+    return float(min(1.0, samples / voxels))
+
+
+def _method(fixed, threads: int, seed: int, iterations: int, samples: int):  # type: ignore[no-untyped-def]
+    sitk = _sitk()
+    sampling = _sampling(fixed, samples)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(sampling, seed + 1)  # SimpleITK reads seed 0 as "seed from the wall clock"
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4, numberOfIterations=iterations,
+                                                 relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel(_shrink_factors(fixed.GetSpacing()))
+    reg.SetSmoothingSigmasPerLevel(list(SMOOTH_MM))
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetNumberOfThreads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)  # pyramid filters too: one thread is reproducible
+    return reg
+
+
+def _coverage(fixed: np.ndarray, fixed_affine: np.ndarray, moving_shape: Sequence[int], moving_affine: np.ndarray,
+              matrix: np.ndarray) -> float:
+    """Fraction of the fixed image's head (voxels above 10% of its 99th percentile) inside the moving FOV."""
+    step = max(1, int(round(max(fixed.shape) / 64)))
+    sub = fixed[::step, ::step, ::step]
+    head = np.argwhere(sub > 0.1 * float(np.percentile(sub, 99)))
+    if head.size == 0:
+        return 0.0
+    world = fixed_affine[:3, :3] @ (head.T * step) + fixed_affine[:3, 3:4]
+    moved = matrix[:3, :3] @ world + matrix[:3, 3:4]
+    inv = np.linalg.inv(moving_affine)
+    vox = inv[:3, :3] @ moved + inv[:3, 3:4]
+    limit = np.asarray(moving_shape[:3], dtype=np.float64)[:, None] - 0.5
+    return float(np.mean(np.all((vox >= -0.5) & (vox <= limit), axis=0)))
+
+
+def _register(kind: str, transform, fixed: np.ndarray, fixed_affine: np.ndarray,  # type: ignore[no-untyped-def]
+              moving: np.ndarray, moving_affine: np.ndarray, threads: int, seed: int, iterations: int,
+              samples: int) -> Registration:
+    """Mattes-MI registration of `moving` onto `fixed` with `transform` (initialised on the intensity centroids)."""
+    import time
+
+    sitk = _sitk()
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    t0 = time.perf_counter()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    fixed_img, moving_img = to_sitk(fixed, fixed_affine), to_sitk(moving, moving_affine)
+    init = sitk.CenteredTransformInitializer(fixed_img, moving_img, transform,
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg = _method(fixed_img, threads, seed, iterations, samples)
+    reg.SetInitialTransform(init, inPlace=True)
+    try:
+        reg.Execute(fixed_img, moving_img)
+    except RuntimeError as err:
+        raise RegistrationError(f"{kind} registration failed ({' '.join(str(err).split())[:200]})") from None
+    return _result(_matrix(init), -float(reg.GetMetricValue()), fixed, fixed_affine, moving.shape, moving_affine,
+                   reg, t0)
+
+
+def rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray, *,
+          threads: int = 1, seed: int = 0, iterations: int = 200, samples: int = 100_000,
+          check: bool = True) -> Registration:
+    """Rigid (6 dof) registration of `moving` (a PET) onto `fixed` (its T1) by Mattes MI, three resolutions.
+
+    Initialised by aligning the images' intensity centroids. Returns the fixed -> moving world transform;
+    with `check`, raises RegistrationError when the MI, the coverage of the head or the rotation is implausible.
+    """
+    result = _register("rigid", _sitk().Euler3DTransform(), fixed, fixed_affine, moving, moving_affine,
+                       threads, seed, iterations, samples)
+    if check:
+        check_quality(result)
+    return result
+
+
+def _result(matrix: np.ndarray, mi: float, fixed: np.ndarray, fixed_affine: np.ndarray, moving_shape: Sequence[int],
+            moving_affine: np.ndarray, reg, t0: float) -> Registration:  # type: ignore[no-untyped-def]
+    import time
+
+    linear = matrix[:3, :3]
+    u, _, vt = np.linalg.svd(linear)
+    rot = u @ vt
+    angle = float(np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1.0, 1.0))))
+    return Registration(matrix=matrix, mutual_information=mi,
+                        coverage=_coverage(fixed, fixed_affine, moving_shape, moving_affine, matrix),
+                        rotation_deg=angle, translation_mm=float(np.linalg.norm(matrix[:3, 3])),
+                        shift_mm=_shift(matrix, fixed_affine, fixed.shape),
+                        iterations=int(reg.GetOptimizerIteration()), seconds=time.perf_counter() - t0)
+
+
+def _shift(matrix: np.ndarray, affine: np.ndarray, shape: Sequence[int]) -> float:
+    centre = affine[:3, :3] @ ((np.asarray(shape[:3], dtype=np.float64) - 1) / 2) + affine[:3, 3]
+    return float(np.linalg.norm(matrix[:3, :3] @ centre + matrix[:3, 3] - centre))
+
+
+def check_quality(result: Registration) -> None:
+    """Raise RegistrationError naming the failed figure (MI, coverage, rotation) of a rigid PET-to-T1 result."""
+    if not np.isfinite(result.mutual_information) or result.mutual_information < MIN_MI:
+        raise RegistrationError(f"registration quality check failed: mutual information {result.mutual_information:.3f}"
+                                f" < {MIN_MI} (PET and T1 do not match)")
+    if result.coverage < MIN_COVERAGE:
+        raise RegistrationError(f"registration quality check failed: the registered PET covers {result.coverage:.0%} "
+                                f"of the T1's head (< {MIN_COVERAGE:.0%})")
+    if result.shift_mm > MAX_SHIFT_MM:
+        raise RegistrationError(f"registration quality check failed: the PET lies {result.shift_mm:.0f} mm from its "
+                                f"T1 (> {MAX_SHIFT_MM:g} mm): not in the T1's space or not the same subject")
+    if result.rotation_deg > MAX_ROTATION_DEG:
+        raise RegistrationError(f"registration quality check failed: rotation {result.rotation_deg:.1f} deg "
+                                f"> {MAX_ROTATION_DEG} deg")
+
+
+def affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray, *,
+           threads: int = 1, seed: int = 0, iterations: int = 100, samples: int = 30_000) -> Registration:
+    """Affine (12 dof) registration by Mattes MI from aligned intensity centroids, e.g. a template onto a T1."""
+    return _register("affine", _sitk().AffineTransform(3), fixed, fixed_affine, moving, moving_affine,
+                     threads, seed, iterations, samples)
+
+
+def mean_displacement(estimate: np.ndarray, truth: np.ndarray, points: np.ndarray) -> float:
+    """Mean distance (mm) between two (4, 4) transforms' images of world points (3, N)."""
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[0] != 3:
+        raise ValueError(f"points must be (3, N), got shape {pts.shape}")
+    a = estimate[:3, :3] @ pts + estimate[:3, 3:4]
+    b = truth[:3, :3] @ pts + truth[:3, 3:4]
+    return float(np.linalg.norm(a - b, axis=0).mean())
+
+

@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs and views, the logged pyfunc model, and the model card."""
