@@ -12,7 +12,6 @@ import subprocess
 import time
 from pathlib import Path
 
-
 # Ports handed out here lie below Linux's ephemeral range (32768-60999) and above Ray's worker ports (10002-19999):
 # a port picked from the ephemeral range can be taken by any process's next outgoing or port-0 socket (a Ray
 # worker of the session's Ray starting, say) before the server it was picked for binds it.

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from ray_nodes import free_port, session_members, stop_session
 from safetensors.torch import load_file
+
+from ray_nodes import free_port, session_members, stop_session
 from uninterrupted import UNINTERRUPTED, Uninterrupted
 
 RAY = str(Path(sys.executable).parent / "ray")

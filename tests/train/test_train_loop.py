@@ -14,6 +14,8 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from ganbert import config
 from ganbert.store import loader, shards, stats
 from ganbert.store.loader import count_rows
@@ -21,7 +23,6 @@ from ganbert.track.tracking import find_run
 from ganbert.train import loop
 
 from ray_nodes import descendants, is_loopback, listening
-from safetensors.torch import load_file
 from uninterrupted import Uninterrupted
 
 
