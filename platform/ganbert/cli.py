@@ -83,10 +83,16 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "overhead":
+        import ray
+
         from ganbert.prep.phantom_cache import data_dir_for
         from ganbert.train import overhead
+
         cfg = load_config(args)
-        return overhead.main(args, cfg, data_dir_for(cfg, args.data))  # built (and cached) before the clock starts
+        data_dir = data_dir_for(cfg, args.data)  # built (and cached) before the clock starts
+        if ray.is_initialized():  # building the phantom's shards started a Ray; the measured run starts its own
+            ray.shutdown()
+        return overhead.main(args, cfg, data_dir)
     from ganbert import bench
     return bench.main(args, load_config(args))
 
