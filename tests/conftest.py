@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +20,15 @@ from uninterrupted import UNINTERRUPTED, Uninterrupted
 
 # a Ray that the code under test starts itself (`ensure_ray`) has the session Ray's 2 CPUs
 os.environ.setdefault("GANBERT_NUM_CPUS", "2")
+# One registration cache for the session, as a user's $GANBERT_HOME/cache serves all of their runs: a T1 that several
+# tests preprocess or check (the phantom cohort's) is registered to the template once. Fresh per session, never the
+# developer's own; set before any Ray starts, so workers, CLI subprocesses and `ray start` heads inherit it.
+_CACHE = tempfile.mkdtemp(prefix="ganbert-test-cache-")
+os.environ["GANBERT_CACHE"] = _CACHE
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 # The data stages' fixtures (tiny phantom cohort, shards, bad inputs) that tests/ingest, prep and store use.
 pytest_plugins = ["data_fixtures"]
@@ -93,13 +104,12 @@ def local_ray() -> Iterator[None]:
 def phantom_t1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, "Path"]:
     """One tiny phantom subject (index 0: it has a FLAIR) with an AV45 PET: {"raw", "t1", "flair", "pet"} paths.
 
-    Its T1's template registration is made once here and reused by QC in this process (brainmask's per-file cache).
+    Its T1's template registration is made once here and reused by QC (brainmask's cache).
     """
     from pathlib import Path
 
     from ganbert.ingest import adni, dicom, phantom
     from ganbert.prep import qc
-    from ganbert.serve.synthesize import _file_key
 
     raw = phantom.write_cohort(tmp_path_factory.mktemp("phantom_t1"), 1, ("AV45",), "tiny", 0)
     scans = adni.ingest(raw, 365).scans
@@ -107,7 +117,7 @@ def phantom_t1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, "Path"]:
     pet = raw / next(s for s in scans if s.kind == "PET").files[0]
     flair = next(Path(p) for p in sorted((raw / "ADNI").rglob("*FLAIR*.nii")))
     vol = dicom.read_any(t1)
-    qc.assess(vol.data, vol.affine, key=_file_key(t1))
+    qc.assess(vol.data, vol.affine)
     return {"raw": raw, "t1": t1, "flair": flair, "pet": pet}
 
 

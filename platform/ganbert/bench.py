@@ -190,6 +190,10 @@ def phantom_t1(size: str) -> str:
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
+    if args.what in ("qc", "preprocess", "registration"):
+        from ganbert.prep import registration
+
+        os.environ[registration.CACHE_ENV] = "off"  # they time registrations: made, never read back
     if args.what == "uncertainty":
         from ganbert.experiments import uncertainty
 

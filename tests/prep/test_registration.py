@@ -105,3 +105,79 @@ def test_registration_arguments_checked() -> None:
         preprocess.run(Path("."), Path("x"), None, registration="affine")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="pet_space"):
         phantom.write_cohort(Path("unused"), 1, ("AV45",), "tiny", 0, pet_space="mni")
+
+
+# --- made once, kept by content -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache folder and an empty in-process cache: every registration starts from nothing."""
+    monkeypatch.setenv(registration.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(registration, "_IN_MEMORY", {})
+    return tmp_path / "cache" / "registration"
+
+
+def _head() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A noisy block 'head' (X, Y, Z), its affine, and the same image's affine moved by a few mm."""
+    t1 = np.zeros((40, 40, 40), np.float32)
+    t1[10:30, 8:32, 12:28] = 100.0
+    t1 += np.random.default_rng(0).normal(0, 2, t1.shape).astype(np.float32)
+    aff = np.diag([4.0, 4.0, 4.0, 1.0])
+    moved = aff.copy()
+    moved[:3, 3] = [3.0, -2.0, 1.0]
+    return t1, aff, moved
+
+
+def _figures(reg: registration.Registration) -> dict[str, object]:
+    return {k: v for k, v in vars(reg).items() if k not in ("matrix", "seconds")}
+
+
+def test_a_registration_is_made_once_and_read_back_from_its_file(cache: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    t1, aff, moved = _head()
+    made = registration.rigid(t1, aff, t1, moved, check=False)
+    files = list(cache.iterdir())
+    assert len(files) == 1 and files[0].name == registration.digest(
+        "rigid", [(t1, aff), (t1, moved)], threads=1, seed=0, iterations=200, samples=100_000) + ".json"
+    assert registration.rigid(t1, aff, t1, moved, check=False) is made  # this process: from memory
+    monkeypatch.setattr(registration, "_IN_MEMORY", {})  # another process: from the file, exactly
+    again = registration.rigid(t1, aff, t1, moved, check=False)
+    assert np.array_equal(again.matrix, made.matrix) and vars(again) | {"matrix": 0} == vars(made) | {"matrix": 0}
+    record = json.loads(files[0].read_text())
+    record["mutual_information"] = 9.0  # the file is what is read: nothing is made again
+    files[0].write_text(json.dumps(record))
+    monkeypatch.setattr(registration, "_IN_MEMORY", {})
+    assert registration.rigid(t1, aff, t1, moved, check=False).mutual_information == 9.0
+
+
+def test_the_key_follows_voxels_affines_settings_and_kind() -> None:
+    t1, aff, moved = _head()
+    key = registration.digest("rigid", [(t1, aff), (t1, moved)], threads=1)
+    changed = t1.copy()
+    changed[0, 0, 0] += 1
+    nudged = moved.copy()
+    nudged[0, 3] += 1e-9
+    assert len({key, registration.digest("rigid", [(changed, aff), (t1, moved)], threads=1),
+                registration.digest("rigid", [(t1, aff), (t1, nudged)], threads=1),
+                registration.digest("rigid", [(t1, aff), (t1, moved)], threads=2),
+                registration.digest("affine", [(t1, aff), (t1, moved)], threads=1),
+                registration.digest("rigid", [(t1.astype(np.float64), aff), (t1, moved)], threads=1)}) == 6
+
+
+def test_an_unreadable_cache_file_is_made_again(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    t1, aff, moved = _head()
+    made = registration.rigid(t1, aff, t1, moved, check=False)
+    (path,) = cache.iterdir()
+    for broken in ("not json", json.dumps({"matrix": [[float("nan")] * 4] * 4}), '{"matrix": [[1, 0]]}'):
+        path.write_text(broken)
+        monkeypatch.setattr(registration, "_IN_MEMORY", {})
+        again = registration.rigid(t1, aff, t1, moved, check=False)
+        assert np.array_equal(again.matrix, made.matrix) and _figures(again) == _figures(made)
+        assert json.loads(path.read_text())["matrix"] == made.matrix.tolist()  # written again, whole
+
+
+def test_cache_off_keeps_no_file(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(registration.CACHE_ENV, "off")
+    t1, aff, moved = _head()
+    registration.rigid(t1, aff, t1, moved, check=False)
+    assert registration.cache_dir() is None and not cache.exists()

@@ -33,24 +33,14 @@ def template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return head.astype(np.float32), mask.astype(np.float32), affine
 
 
-_FITS: dict[str, registration.Registration] = {}
-MAX_CACHED = 8
+def fit(t1: np.ndarray, t1_affine: np.ndarray, threads: int = 1) -> registration.Registration:
+    """Affine registration of the template onto a T1 (X, Y, Z) (fixed): the T1-world -> template-world transform.
 
-
-def fit(t1: np.ndarray, t1_affine: np.ndarray, threads: int = 1, key: str | None = None) -> registration.Registration:
-    """Affine registration of the template onto a T1 (fixed): the T1-world -> template-world transform.
-
-    `key` (e.g. the T1 file's checksum) reuses this process's result for the same T1 (the tracers of one subject).
+    Made once per T1 content and then reused (`registration.cache_dir`): the tracers of one subject, a rerun, another
+    preset's preprocessing and synthesis of the same T1 all read the one result.
     """
-    if key is not None and key in _FITS:
-        return _FITS[key]
     tpl, _, tpl_affine = template()
-    result = registration.affine(t1, t1_affine, tpl, tpl_affine, threads=threads)
-    if key is not None:
-        if len(_FITS) >= MAX_CACHED:
-            _FITS.pop(next(iter(_FITS)))
-        _FITS[key] = result
-    return result
+    return registration.affine(t1, t1_affine, tpl, tpl_affine, threads=threads)
 
 
 def on_grid(t1_to_template: np.ndarray, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:

@@ -70,8 +70,7 @@ def process_pair(job: dict[str, Any], root: Path, geometry: GeometryConfig) -> d
             raise VolumeError(vol.path, f"T1 is 4D with {vol.frames} frames (expected one 3D volume)")
         mri, affine, lo, hi = conform_array(vol.data, vol.affine, geometry, mri_rel)
         grid = pet_affine(affine, geometry)
-        stat = (root / mri_rel).stat()
-        template_reg = brainmask.fit(vol.data, vol.affine, key=f"{root / mri_rel}:{stat.st_size}:{stat.st_mtime_ns}")
+        template_reg = brainmask.fit(vol.data, vol.affine)
         t1_qc = qc.assess(vol.data, vol.affine, fit=template_reg)
         if not t1_qc.passed and job.get("t1_qc", True):
             return {"error": t1_qc.reason() + " (--skip-qc keeps it)", "file": mri_rel, "which": "mri"}

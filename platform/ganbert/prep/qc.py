@@ -218,13 +218,13 @@ def _image_failures(s: dict[str, float], limits: Thresholds) -> list[str]:
     return out
 
 
-def assess(data: np.ndarray, affine: np.ndarray, *, fit: Registration | None = None, key: str | None = None,
+def assess(data: np.ndarray, affine: np.ndarray, *, fit: Registration | None = None,
            thresholds: Thresholds = THRESHOLDS, threads: int = 1) -> Report:
     """Score a T1 (X, Y, Z) with its (4, 4) affine; returns the Report (never raises for a bad image).
 
     `fit`: a template registration already made for this T1 (preprocessing's brain mask), else it is made here
-    (`key`, e.g. path:size:mtime, reuses this process's registration of the same file). Header checks come first;
-    when they fail, nothing is registered.
+    (`brainmask.fit`: once per T1 content, then reused). Header checks come first; when they fail, nothing is
+    registered.
     """
     scores = header_scores(tuple(np.shape(data)), affine)
     failures = _header_failures(scores, thresholds)
@@ -233,7 +233,7 @@ def assess(data: np.ndarray, affine: np.ndarray, *, fit: Registration | None = N
     volume = np.asarray(data, dtype=np.float32).reshape(np.shape(data)[:3])
     if fit is None:
         try:
-            fit = brainmask.fit(volume, np.asarray(affine, np.float64), threads=threads, key=key)
+            fit = brainmask.fit(volume, np.asarray(affine, np.float64), threads=threads)
         except ValueError as err:  # RegistrationError, or an affine ITK cannot take (shear)
             return Report(scores, (f"registration: {' '.join(str(err).split())[:200]}",), None, thresholds)
     scores.update(image_scores(in_template_space(volume, affine, fit)))

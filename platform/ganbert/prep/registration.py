@@ -4,14 +4,27 @@ Images are given as numpy (X, Y, Z) arrays with nibabel-style voxel -> world (mm
 ITK in the same world frame (no RAS/LPS flip is needed because both images share it), so a transform returned
 here maps a point of the fixed image's world (the T1) to the moving image's world, as ITK defines it, as a
 (4, 4) matrix in the caller's frame.
+
+A registration is made once per content (both images, their affines and the settings) and kept: in the process and
+as a small JSON file in `$GANBERT_HOME/cache/registration` (`$GANBERT_CACHE`), so the tracers of one subject, a
+rerun, another preset's preprocessing and synthesis of the same T1 read the one result back.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from ganbert.common import home
+from ganbert.common.atomic import write_text
 
 LEVELS_MM = (8.0, 4.0, 2.0)  # target voxel size per resolution level (coarse to fine)
 SMOOTH_MM = (4.0, 2.0, 1.0)  # Gaussian sigma per level, physical mm
@@ -19,6 +32,9 @@ MAX_ROTATION_DEG = 30.0  # a rigid PET-to-T1 motion beyond this is not believabl
 MIN_MI = 0.05  # Mattes MI (nats) after registration below this: the images do not match
 MIN_COVERAGE = 0.7  # the moved PET must cover at least this fraction of the T1's head
 MAX_SHIFT_MM = 300.0  # a PET whose header puts it further from its T1 than this is not the T1's subject/scan
+CACHE_VERSION = 1  # bump whenever the registration method or `Registration`'s fields change
+CACHE_ENV = "GANBERT_CACHE"  # where registrations are kept: default $GANBERT_HOME/cache (./runs/cache); "off": nowhere
+MAX_IN_MEMORY = 8
 
 
 class RegistrationError(ValueError):
@@ -150,18 +166,84 @@ def _coverage(fixed: np.ndarray, fixed_affine: np.ndarray, moving_shape: Sequenc
     return float(np.mean(np.all((vox >= -0.5) & (vox <= limit), axis=0)))
 
 
-def _register(kind: str, transform, fixed: np.ndarray, fixed_affine: np.ndarray,  # type: ignore[no-untyped-def]
-              moving: np.ndarray, moving_affine: np.ndarray, threads: int, seed: int, iterations: int,
-              samples: int) -> Registration:
-    """Mattes-MI registration of `moving` onto `fixed` with `transform` (initialised on the intensity centroids)."""
+def cache_dir() -> Path | None:
+    """The folder of kept registrations: $GANBERT_CACHE/registration, else <home>/cache/registration; None when
+    $GANBERT_CACHE is "off" (the benchmarks, which time registration itself)."""
+    root = os.environ.get(CACHE_ENV)
+    if root == "off":
+        return None
+    return (Path(root).expanduser() if root else home.home() / "cache") / "registration"
+
+
+def digest(kind: str, images: Sequence[tuple[np.ndarray, np.ndarray]], **settings: object) -> str:
+    """Content key of one registration: its kind and settings, each image's voxels (dtype, shape, bytes) and affine,
+    and the versions of the method and of the libraries that compute it."""
+    meta = {"kind": kind, "version": CACHE_VERSION, "levels_mm": LEVELS_MM, "smooth_mm": SMOOTH_MM, **settings,
+            "images": [(str(data.dtype), data.shape) for data, _ in images],
+            "libraries": [metadata.version(name) for name in ("SimpleITK", "nibabel", "numpy")]}
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for data, affine in images:
+        h.update(np.ascontiguousarray(affine, dtype=np.float64).tobytes())
+        h.update(np.ascontiguousarray(data).tobytes())
+    return h.hexdigest()
+
+
+_IN_MEMORY: dict[str, Registration] = {}
+
+
+def _load(path: Path) -> Registration | None:
+    """A kept registration, or None when the file is missing or unreadable (then it is made again)."""
+    try:
+        record = json.loads(path.read_text())
+        matrix = np.asarray(record.pop("matrix"), dtype=np.float64)
+        if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+            return None
+        return Registration(matrix=matrix, **record)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _store(path: Path, result: Registration) -> None:
+    """Keep a registration in a JSON file (atomic write); a folder that cannot be written only loses the reuse. The
+    file holds the transform and its quality figures and is named by a hash: no name or header text."""
+    try:
+        write_text(path, json.dumps({**dataclasses.asdict(result), "matrix": result.matrix.tolist()}) + "\n")
+    except OSError:
+        pass
+
+
+def _register(kind: str, fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
+              threads: int, seed: int, iterations: int, samples: int) -> Registration:
+    """Mattes-MI registration of `moving` onto `fixed` ("rigid" or "affine", initialised on the intensity
+    centroids), made once per content (the images and settings: `digest`) and then read back: from this process, else
+    from `cache_dir()`."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    key = digest(kind, [(fixed, fixed_affine), (moving, moving_affine)], threads=threads, seed=seed,
+                 iterations=iterations, samples=samples)
+    if key in _IN_MEMORY:
+        return _IN_MEMORY[key]
+    folder = cache_dir()
+    found = None if folder is None else _load(folder / f"{key}.json")
+    if found is None:
+        found = _compute(kind, fixed, fixed_affine, moving, moving_affine, threads, seed, iterations, samples)
+        if folder is not None:
+            _store(folder / f"{key}.json", found)
+    if len(_IN_MEMORY) >= MAX_IN_MEMORY:
+        _IN_MEMORY.pop(next(iter(_IN_MEMORY)))
+    _IN_MEMORY[key] = found
+    return found
+
+
+def _compute(kind: str, fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
+             threads: int, seed: int, iterations: int, samples: int) -> Registration:
     import time
 
     sitk = _sitk()
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
     t0 = time.perf_counter()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     fixed_img, moving_img = to_sitk(fixed, fixed_affine), to_sitk(moving, moving_affine)
+    transform = sitk.Euler3DTransform() if kind == "rigid" else sitk.AffineTransform(3)
     init = sitk.CenteredTransformInitializer(fixed_img, moving_img, transform,
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
     reg = _method(fixed_img, threads, seed, iterations, samples)
@@ -182,8 +264,7 @@ def rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, movin
     Initialised by aligning the images' intensity centroids. Returns the fixed -> moving world transform;
     with `check`, raises RegistrationError when the MI, the coverage of the head or the rotation is implausible.
     """
-    result = _register("rigid", _sitk().Euler3DTransform(), fixed, fixed_affine, moving, moving_affine,
-                       threads, seed, iterations, samples)
+    result = _register("rigid", fixed, fixed_affine, moving, moving_affine, threads, seed, iterations, samples)
     if check:
         check_quality(result)
     return result
@@ -228,8 +309,7 @@ def check_quality(result: Registration) -> None:
 def affine(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray, *,
            threads: int = 1, seed: int = 0, iterations: int = 100, samples: int = 30_000) -> Registration:
     """Affine (12 dof) registration by Mattes MI from aligned intensity centroids, e.g. a template onto a T1."""
-    return _register("affine", _sitk().AffineTransform(3), fixed, fixed_affine, moving, moving_affine,
-                     threads, seed, iterations, samples)
+    return _register("affine", fixed, fixed_affine, moving, moving_affine, threads, seed, iterations, samples)
 
 
 def mean_displacement(estimate: np.ndarray, truth: np.ndarray, points: np.ndarray) -> float:

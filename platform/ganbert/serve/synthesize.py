@@ -167,14 +167,6 @@ class Checked:
     enforced: bool
 
 
-def _file_key(path: Path) -> str | None:
-    """path:size:mtime of a file (reuses this process's template registration of it), None for a DICOM folder."""
-    if not path.is_file():
-        return None
-    stat = path.stat()
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
 def check_input(path: Path | str, skip_qc: bool = False) -> Checked:
     """Read a T1 (NIfTI, DICOM file or series folder) and run QC on it.
 
@@ -186,7 +178,7 @@ def check_input(path: Path | str, skip_qc: bool = False) -> Checked:
     data, affine = image_data(img, str(path))
     if data.ndim == 4:
         raise VolumeError(path, f"T1 is 4D with {data.shape[3]} frames (expected one 3D volume)")
-    report = qc.assess(data, affine, key=_file_key(path))
+    report = qc.assess(data, affine)
     if not report.passed and not skip_qc:
         raise VolumeError(path, report.reason() + " (--skip-qc overrides)")
     return Checked(str(path), data, affine, world_code(img), report, not skip_qc)
