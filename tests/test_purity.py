@@ -1,5 +1,6 @@
 """The pure layers (models/: networks, sequences, tokens, intensity, the model folder; the GAN step, metrics, input QC,
-ensembles, atlas, model cards) import neither Ray nor MLflow."""
+ensembles, atlas, model cards) import neither Ray nor MLflow;
+inference loads no transformers."""
 
 from __future__ import annotations
 
@@ -33,5 +34,16 @@ def test_pure_modules_import_neither_ray_nor_mlflow() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PLATFORM), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", PROBE.format(edges=EDGES), *PURE], env=env, capture_output=True,
                          text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", out.stdout.strip()
+
+
+def test_inference_never_loads_transformers() -> None:
+    """BERT is a training-only network: synthesis and its model folder load neither it nor `transformers` (about 2 s
+    of import in every synthesis process and Ray Data worker)."""
+    modules = ["ganbert.serve.synthesize", "ganbert.track.pyfunc_model", "ganbert.models.saved"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PLATFORM), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", PROBE.format(edges=("transformers",)), *modules], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "", out.stdout.strip()

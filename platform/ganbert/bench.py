@@ -191,9 +191,9 @@ def phantom_t1(size: str) -> str:
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
     if args.what in ("qc", "preprocess", "registration"):
-        from ganbert.prep import registration
+        from ganbert.common import cache
 
-        os.environ[registration.CACHE_ENV] = "off"  # they time registrations: made, never read back
+        os.environ[cache.CACHE_ENV] = "off"  # they time registrations and templates: made, never read back
     if args.what == "uncertainty":
         from ganbert.experiments import uncertainty
 

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ganbert.common import cache as cache_mod
 from ganbert.ingest import phantom
 from ganbert.prep import preprocess, registration
 from ganbert.store import loader
@@ -112,7 +113,7 @@ def test_registration_arguments_checked() -> None:
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty cache folder and an empty in-process cache: every registration starts from nothing."""
-    monkeypatch.setenv(registration.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache_mod.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(registration, "_IN_MEMORY", {})
     return tmp_path / "cache" / "registration"
 
@@ -177,7 +178,7 @@ def test_an_unreadable_cache_file_is_made_again(cache: Path, monkeypatch: pytest
 
 
 def test_cache_off_keeps_no_file(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(registration.CACHE_ENV, "off")
+    monkeypatch.setenv(cache_mod.CACHE_ENV, "off")
     t1, aff, moved = _head()
     registration.rigid(t1, aff, t1, moved, check=False)
-    assert registration.cache_dir() is None and not cache.exists()
+    assert cache_mod.folder("registration") is None and not cache.exists()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ganbert.config import METHODS, Config
-from ganbert.models.bert_disc import BertDiscriminator
 from ganbert.models.cnn_disc import PatchGAN3D
 from ganbert.models.sequence import Vocabulary
 from ganbert.models.unet3d import UNet3D
+
+if TYPE_CHECKING:
+    from ganbert.models.bert_disc import BertDiscriminator
 
 
 @dataclass
@@ -41,7 +44,12 @@ def build_generator(cfg: Config) -> UNet3D:
 
 
 def build_bert(cfg: Config) -> BertDiscriminator:
-    """The BERT discriminator of the config's model sizes over its token space (BERT-base at the paper preset)."""
+    """The BERT discriminator of the config's model sizes over its token space (BERT-base at the paper preset).
+
+    Its module (and so `transformers`, about 2 s to import) is loaded here, by training, never by inference.
+    """
+    from ganbert.models.bert_disc import BertDiscriminator
+
     m = cfg.model
     return BertDiscriminator(Vocabulary(cfg.sequence), hidden=m.bert_hidden, layers=m.bert_layers, heads=m.bert_heads,
                              intermediate=m.bert_intermediate, max_positions=m.bert_max_positions,

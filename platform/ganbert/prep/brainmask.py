@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ganbert.common import cache
 from ganbert.prep import registration
 
 TEMPLATE_RES_MM = 2
@@ -15,7 +16,15 @@ TEMPLATE_RES_MM = 2
 
 @functools.lru_cache(maxsize=1)
 def template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(T1 float32 (X, Y, Z), brain mask float32, affine (4, 4)) of nilearn's MNI152 2009 template at 2 mm (offline)."""
+    """(T1 float32 (X, Y, Z), brain mask float32, affine (4, 4)) of nilearn's MNI152 2009 template at 2 mm (offline).
+
+    Made once (about 3 s with nilearn's import) and kept in the cache (`common.cache`): a new process reads it back.
+    """
+    kept = cache.arrays("templates", _make_template, [__file__], what="brainmask", res=TEMPLATE_RES_MM)
+    return kept["head"], kept["mask"], kept["affine"]
+
+
+def _make_template() -> dict[str, np.ndarray]:
     from nilearn import datasets
 
     img = datasets.load_mni152_template(resolution=TEMPLATE_RES_MM)
@@ -30,13 +39,13 @@ def template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     def band(lo: float, hi: float) -> np.ndarray:
         return np.clip((dist - lo) / 1.5 + 0.5, 0, 1) * np.clip((hi - dist) / 1.5 + 0.5, 0, 1)
     head = np.maximum(t1, (0.06 * band(2.0, 7.0) + 0.62 * band(7.0, 13.0)) * float(np.percentile(t1[mask], 99)))
-    return head.astype(np.float32), mask.astype(np.float32), affine
+    return {"head": head.astype(np.float32), "mask": mask.astype(np.float32), "affine": affine}
 
 
 def fit(t1: np.ndarray, t1_affine: np.ndarray, threads: int = 1) -> registration.Registration:
     """Affine registration of the template onto a T1 (X, Y, Z) (fixed): the T1-world -> template-world transform.
 
-    Made once per T1 content and then reused (`registration.cache_dir`): the tracers of one subject, a rerun, another
+    Made once per T1 content and then reused (`registration`'s cache): the tracers of one subject, a rerun, another
     preset's preprocessing and synthesis of the same T1 all read the one result.
     """
     tpl, _, tpl_affine = template()

@@ -15,15 +15,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ganbert.common import home
+from ganbert.common import cache
 from ganbert.common.atomic import write_text
 
 LEVELS_MM = (8.0, 4.0, 2.0)  # target voxel size per resolution level (coarse to fine)
@@ -33,7 +31,6 @@ MIN_MI = 0.05  # Mattes MI (nats) after registration below this: the images do n
 MIN_COVERAGE = 0.7  # the moved PET must cover at least this fraction of the T1's head
 MAX_SHIFT_MM = 300.0  # a PET whose header puts it further from its T1 than this is not the T1's subject/scan
 CACHE_VERSION = 1  # bump whenever the registration method or `Registration`'s fields change
-CACHE_ENV = "GANBERT_CACHE"  # where registrations are kept: default $GANBERT_HOME/cache (./runs/cache); "off": nowhere
 MAX_IN_MEMORY = 8
 
 
@@ -166,21 +163,12 @@ def _coverage(fixed: np.ndarray, fixed_affine: np.ndarray, moving_shape: Sequenc
     return float(np.mean(np.all((vox >= -0.5) & (vox <= limit), axis=0)))
 
 
-def cache_dir() -> Path | None:
-    """The folder of kept registrations: $GANBERT_CACHE/registration, else <home>/cache/registration; None when
-    $GANBERT_CACHE is "off" (the benchmarks, which time registration itself)."""
-    root = os.environ.get(CACHE_ENV)
-    if root == "off":
-        return None
-    return (Path(root).expanduser() if root else home.home() / "cache") / "registration"
-
-
 def digest(kind: str, images: Sequence[tuple[np.ndarray, np.ndarray]], **settings: object) -> str:
     """Content key of one registration: its kind and settings, each image's voxels (dtype, shape, bytes) and affine,
     and the versions of the method and of the libraries that compute it."""
     meta = {"kind": kind, "version": CACHE_VERSION, "levels_mm": LEVELS_MM, "smooth_mm": SMOOTH_MM, **settings,
             "images": [(str(data.dtype), data.shape) for data, _ in images],
-            "libraries": [metadata.version(name) for name in ("SimpleITK", "nibabel", "numpy")]}
+            "libraries": cache.versions()}
     h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for data, affine in images:
         h.update(np.ascontiguousarray(affine, dtype=np.float64).tobytes())
@@ -216,14 +204,14 @@ def _register(kind: str, fixed: np.ndarray, fixed_affine: np.ndarray, moving: np
               threads: int, seed: int, iterations: int, samples: int) -> Registration:
     """Mattes-MI registration of `moving` onto `fixed` ("rigid" or "affine", initialised on the intensity
     centroids), made once per content (the images and settings: `digest`) and then read back: from this process, else
-    from `cache_dir()`."""
+    from the cache folder (`common.cache`)."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     key = digest(kind, [(fixed, fixed_affine), (moving, moving_affine)], threads=threads, seed=seed,
                  iterations=iterations, samples=samples)
     if key in _IN_MEMORY:
         return _IN_MEMORY[key]
-    folder = cache_dir()
+    folder = cache.folder("registration")
     found = None if folder is None else _load(folder / f"{key}.json")
     if found is None:
         found = _compute(kind, fixed, fixed_affine, moving, moving_affine, threads, seed, iterations, samples)

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
+from ganbert.common import cache
 from ganbert.ingest.phantom.site import SITES, Site
 
 GROUPS = ("CN", "MCI", "AD")
@@ -85,10 +86,16 @@ def _region(mm: np.ndarray, name: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=2)
 def template(res: int) -> Template:
-    """Load (once per process) the nilearn MNI152 maps at 1 or 2 mm and derive tissue, shell and region maps."""
+    """The nilearn MNI152 maps at 1 or 2 mm and their tissue, shell and region maps: made once (seconds, with
+    nilearn's import) and kept in the cache (`common.cache`), then read back, once per process."""
     if res not in (1, 2):
         raise ValueError(f"res must be 1 or 2 mm, got {res}")
-    from nilearn import datasets  # heavy import, only when a phantom is written
+    return Template(**cache.arrays("templates", lambda: vars(_make_template(res)), [__file__], what="anatomy",
+                                   res=res))
+
+
+def _make_template(res: int) -> Template:
+    from nilearn import datasets  # heavy import, only when the maps are made
 
     t1_img = datasets.load_mni152_template(resolution=res)
     pad = int(round(16 / res))
