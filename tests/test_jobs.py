@@ -282,8 +282,10 @@ def test_readme_job_lines_run_as_written(tmp_path: Path) -> None:
 
     Only what cannot be shared with other Rays on this machine is changed: the dashboard port (8265) and the
     head's other ports and temp dir are free-picked, `ray start` gets --block so the test can end it, and HOME is
-    a temporary folder (the token the README generates lands there). The tune line (12 trials) is checked for its
-    space and options, not run: it takes longer than the suite.
+    a temporary folder (the token the README generates lands there). The session's $GANBERT_CACHE is kept (the
+    phantom's T1s are registered once per test session, as a user's own cache keeps them), so the job builds its
+    phantom cohort without registering again. The tune line (12 trials) is checked for its space and options, not
+    run: it takes longer than the suite.
     """
     lines = _readme_job_lines()
     assert lines[0].startswith("source .venv/bin/activate")
