@@ -55,9 +55,10 @@ def test_cli_tune_logs_child_runs_with_metrics_and_a_rerun_resumes(tmp_path: Pat
 
 @pytest.fixture
 def restart_ray_after(local_ray: None) -> Iterator[None]:
-    """Restart the session's Ray after the test: on Ray 2.60 the Ray Train worker group of a trial that ASHA stops
-    kept its placement group (1 CPU) reserved in the driver's Ray after the sweep returned (seen here: a 2-worker run
-    of a later test then waited for ever). `ganbert tune` is its own driver: the command's end frees it."""
+    """Restart the session's Ray after the test. The session Ray has no dashboard, so Ray Train's placement-group
+    cleaner cannot ask the State API whether a stopped trial's controller is gone: the worker group of the trial
+    ASHA stops keeps its placement group (1 CPU) reserved (seen here: a 2-worker run of a later test then waited for
+    ever). `ganbert tune` starts its Ray with the dashboard, where the cleaner frees it (README, "Resume")."""
     import ray
 
     from ganbert.common.raysession import ensure_ray
