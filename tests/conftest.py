@@ -20,8 +20,8 @@ from uninterrupted import UNINTERRUPTED, Uninterrupted
 
 # a Ray that the code under test starts itself (`ensure_ray`) has the session Ray's 2 CPUs
 os.environ.setdefault("GANBERT_NUM_CPUS", "2")
-# One registration cache for the session, as a user's $GANBERT_HOME/cache serves all of their runs: a T1 that several
-# tests preprocess or check (the phantom cohort's) is registered to the template once. Fresh per session, never the
+# One cache (registrations, MNI152 maps) for the session, as a user's $GANBERT_HOME/cache serves all of their runs: a
+# T1 that several tests preprocess or check (the phantom cohort's) is registered once. Fresh per session, never the
 # developer's own; set before any Ray starts, so workers, CLI subprocesses and `ray start` heads inherit it.
 _CACHE = tempfile.mkdtemp(prefix="ganbert-test-cache-")
 os.environ["GANBERT_CACHE"] = _CACHE

@@ -13,6 +13,7 @@ rerun, another preset's preprocessing and synthesis of the same T1 read the one 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -30,8 +31,7 @@ MAX_ROTATION_DEG = 30.0  # a rigid PET-to-T1 motion beyond this is not believabl
 MIN_MI = 0.05  # Mattes MI (nats) after registration below this: the images do not match
 MIN_COVERAGE = 0.7  # the moved PET must cover at least this fraction of the T1's head
 MAX_SHIFT_MM = 300.0  # a PET whose header puts it further from its T1 than this is not the T1's subject/scan
-CACHE_VERSION = 1  # bump whenever the registration method or `Registration`'s fields change
-MAX_IN_MEMORY = 8
+MAX_IN_MEMORY = 8  # registrations this process keeps (a subject's tracers share one T1)
 
 
 class RegistrationError(ValueError):
@@ -163,13 +163,18 @@ def _coverage(fixed: np.ndarray, fixed_affine: np.ndarray, moving_shape: Sequenc
     return float(np.mean(np.all((vox >= -0.5) & (vox <= limit), axis=0)))
 
 
+@functools.lru_cache(maxsize=1)
+def _method_text() -> bytes:
+    return Path(__file__).read_bytes()
+
+
 def digest(kind: str, images: Sequence[tuple[np.ndarray, np.ndarray]], **settings: object) -> str:
     """Content key of one registration: its kind and settings, each image's voxels (dtype, shape, bytes) and affine,
-    and the versions of the method and of the libraries that compute it."""
-    meta = {"kind": kind, "version": CACHE_VERSION, "levels_mm": LEVELS_MM, "smooth_mm": SMOOTH_MM, **settings,
-            "images": [(str(data.dtype), data.shape) for data, _ in images],
+    the text of this module (any edit of the method makes registrations again) and the libraries' versions."""
+    meta = {"kind": kind, **settings, "images": [(str(data.dtype), data.shape) for data, _ in images],
             "libraries": cache.versions()}
     h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    h.update(_method_text())
     for data, affine in images:
         h.update(np.ascontiguousarray(affine, dtype=np.float64).tobytes())
         h.update(np.ascontiguousarray(data).tobytes())
