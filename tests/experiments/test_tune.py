@@ -58,7 +58,8 @@ def restart_ray_after(local_ray: None) -> Iterator[None]:
     """Restart the session's Ray after the test. The session Ray has no dashboard, so Ray Train's placement-group
     cleaner cannot ask the State API whether a stopped trial's controller is gone: the worker group of the trial
     ASHA stops keeps its placement group (1 CPU) reserved (seen here: a 2-worker run of a later test then waited for
-    ever). `ganbert tune` starts its Ray with the dashboard, where the cleaner frees it (README, "Resume")."""
+    ever). `ganbert tune` starts its Ray with the dashboard, where the cleaner frees it (README, "Resume"); on a
+    Ray without one the sweep warns first."""
     import ray
 
     from ganbert.common.raysession import ensure_ray
@@ -71,17 +72,20 @@ def restart_ray_after(local_ray: None) -> Iterator[None]:
 @pytest.mark.slow
 def test_asha_stopped_trial_ends_killed_and_the_finished_one_finished(tmp_path: Path, tiny_shards: str,
                                                                        restart_ray_after: None,
-                                                                       mlflow_server: str) -> None:
+                                                                       mlflow_server: str,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """ASHA stops the second of two sequential trials at its first rung: its MLflow run ends KILLED, never RUNNING.
 
     pix2pix-tanh's output cannot reach normalised PET (about 10 dB val PSNR after an epoch against about 17 dB for
     ganbert, measured in the study), so with ganbert first it falls below ASHA's cut-off at epoch 1 of 3.
+    The session Ray has no dashboard: the sweep says first that stopped trials keep their workers there.
     """
     space = tmp_path / "asha.yaml"
     space.write_text("model.method:\n  grid: [ganbert, pix2pix-tanh]\ntune:\n  metric: val_psnr\n  mode: max\n")
     cfg = config.apply(config.tiny(), {"optim.epochs": 3, "run.storage": str(tmp_path / "ray"),
                                        "run.experiment": "asha-test", "run.name": "a"})
     results = run_sweep(space, cfg, tiny_shards, mlflow_server, max_concurrent=1, asha=True)
+    assert "[tune] warning: this Ray does not serve its State API" in capsys.readouterr().out
     assert len(results) == 2 and results.num_errors == 0
     epochs = {r.config["model.method"]: r.metrics["epoch"] for r in results}
     assert epochs["ganbert"] == 2 and epochs["pix2pix-tanh"] < 2, epochs  # ASHA stopped pix2pix-tanh early

@@ -72,9 +72,30 @@ def sweep_name(space_path: str | Path, cfg: Config) -> str:
     return f"{cfg.run.name}-{Path(space_path).stem}"
 
 
+def state_api_answers() -> bool:
+    """True when the connected Ray serves its State API (the dashboard), which Ray Train's placement-group cleaner
+    asks whether a stopped trial's controller is gone before it frees that trial's workers."""
+    from ray.util.state import list_actors
+
+    try:
+        list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - ServerUnavailable, timeouts, an unreachable dashboard: all mean no
+        return False
+    return True
+
+
 def run_sweep(space_path: str | Path, cfg: Config, data_dir: str, tracking_uri: str, max_concurrent: int = 1,
               asha: bool = False) -> tune.ResultGrid:
-    """Run (or resume) the sweep of `space_path` over `cfg`; returns Tune's results."""
+    """Run (or resume) the sweep of `space_path` over `cfg`; returns Tune's results.
+
+    With `asha` on a Ray without its State API, says so first: each trial ASHA stops keeps its workers' resources
+    there, and later trials may wait for them for ever (README, "Resume").
+    """
+    if asha and not state_api_answers():
+        print("[tune] warning: this Ray does not serve its State API (no dashboard), which Ray Train uses to free the "
+              "workers of a trial ASHA stops: each stopped trial will keep its workers' CPUs/GPUs and later trials "
+              "may wait for them for ever. Start Ray with its dashboard (`ganbert tune` does on a local Ray; "
+              "`ray start --head` has it unless --include-dashboard=false)", flush=True)
     space = load_space(space_path, cfg)
     name = sweep_name(space_path, cfg)
     storage = home.resolve(cfg.run.storage)
