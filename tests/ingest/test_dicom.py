@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from ganbert.common import cache
 from ganbert.ingest import adni, dicom, phantom
 from ganbert.ingest.nifti import VolumeError
 from ganbert.prep import preprocess
@@ -102,8 +103,10 @@ def test_malformed_series_rejected_with_reason(case: str, tmp_path: Path) -> Non
 
 
 @pytest.fixture(scope="module")
-def dicom_run(tmp_path_factory: pytest.TempPathFactory, tiny_cfg, local_ray: None) -> tuple[Path, Path, Path, Path]:
-    """The same 3-subject cohort written as NIfTI and as DICOM, then six DICOM scans broken; both preprocessed."""
+def dicom_run(tmp_path_factory: pytest.TempPathFactory, tiny_cfg,
+              local_ray: None) -> tuple[Path, Path, Path, Path, set[str]]:
+    """The same 3-subject cohort written as NIfTI and as DICOM, then six DICOM scans broken; all three preprocessed.
+    Also returned: the registrations (cache files) that preprocessing the DICOM cohort made after the NIfTI one."""
     base = tmp_path_factory.mktemp("dicom")
     nii = phantom.write_cohort(base / "nii", 3, ("AV45", "FDG"), "tiny", 5)
     dcm = phantom.write_cohort(base / "dcm", 3, ("AV45", "FDG"), "tiny", 5, fmt="dicom")
@@ -117,9 +120,17 @@ def dicom_run(tmp_path_factory: pytest.TempPathFactory, tiny_cfg, local_ray: Non
     shutil.rmtree(bad / ".scratch", ignore_errors=True)
     out_nii, out_dcm, out_bad = base / "out_nii", base / "out_dcm", base / "out_bad"
     preprocess.run(nii, out_nii, tiny_cfg)
+    kept = cache.folder("registration")
+    assert kept is not None
+
+    def made() -> set[str]:
+        return {p.name for p in kept.iterdir()}
+
+    before = made()
     preprocess.run(dcm, out_dcm, tiny_cfg)
+    made_by_dicom = made() - before
     preprocess.run(bad, out_bad, tiny_cfg)
-    return out_nii, out_dcm, out_bad, dcm
+    return out_nii, out_dcm, out_bad, dcm, made_by_dicom
 
 
 def _rows(out: Path) -> list[dict]:
@@ -128,7 +139,10 @@ def _rows(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_dicom_cohort_gives_the_nifti_shards(dicom_run) -> None:
-    out_nii, out_dcm, _, _ = dicom_run
+    """The same shards, and no registration made again: the DICOM read of a scan is the NIfTI read to the optimiser
+    (`registration.prepared`), so its T1 QC and PET-to-T1 registrations are read back."""
+    out_nii, out_dcm, _, _, made_by_dicom = dicom_run
+    assert made_by_dicom == set()
     a, b = _rows(out_nii), _rows(out_dcm)
     assert [(r["split"], r["pet_image_id"], r["mri_image_id"]) for r in a] == \
         [(r["split"], r["pet_image_id"], r["mri_image_id"]) for r in b]
@@ -142,7 +156,7 @@ def test_dicom_cohort_gives_the_nifti_shards(dicom_run) -> None:
 
 @pytest.mark.slow
 def test_malformed_dicom_rejected_rest_written(dicom_run) -> None:
-    _, out_dcm, out_bad, _ = dicom_run
+    _, out_dcm, out_bad, _, _ = dicom_run
     issues = adni.read_issues(out_bad / "rejected.csv")
     for reason in CASES.values():
         assert any(reason in i.reason for i in issues), (reason, [i.reason for i in issues])
@@ -154,7 +168,7 @@ def test_malformed_dicom_rejected_rest_written(dicom_run) -> None:
 
 @pytest.mark.slow
 def test_no_dicom_identifier_in_outputs(dicom_run) -> None:
-    _, out_dcm, out_bad, raw = dicom_run
+    _, out_dcm, out_bad, raw, _ = dicom_run
     planted = [v.encode() for v in phantom.DICOM_IDENTITY.values()] + [b"Planted^Secret", b"Secret"]
     assert any(planted[0] in f.read_bytes() for f in raw.rglob("*.dcm"))  # they are there to be leaked
     for out in (out_dcm, out_bad):

@@ -5,9 +5,10 @@ ITK in the same world frame (no RAS/LPS flip is needed because both images share
 here maps a point of the fixed image's world (the T1) to the moving image's world, as ITK defines it, as a
 (4, 4) matrix in the caller's frame.
 
-A registration is made once per content (both images, their affines and the settings) and kept: in the process and
-as a small JSON file in `$GANBERT_HOME/cache/registration` (`$GANBERT_CACHE`), so the tracers of one subject, a
-rerun, another preset's preprocessing and synthesis of the same T1 read the one result back.
+A registration is optimised once per content (both images as the optimiser sees them, and the settings) and kept: in
+the process and as a small JSON file in `$GANBERT_HOME/cache/registration` (`$GANBERT_CACHE`), so the tracers of one
+subject, a rerun, another preset's preprocessing, synthesis of the same T1 and the NIfTI and DICOM reads of one scan
+read the one result back.
 """
 
 from __future__ import annotations
@@ -67,24 +68,36 @@ def _sitk():  # type: ignore[no-untyped-def]
 
 
 def to_sitk(data: np.ndarray, affine: np.ndarray):  # type: ignore[no-untyped-def]
-    """(X, Y, Z) array + (4, 4) affine -> SimpleITK float32 image in the same world frame."""
-    sitk = _sitk()
+    """(X, Y, Z) array + (4, 4) affine -> SimpleITK float32 image in the same world frame (as `prepared` gives it)."""
+    return _image(*prepared(data, affine))
+
+
+def prepared(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An (X, Y, Z) image as registration sees it: canonical voxel order, the affine rounded to 1e-6 mm, intensities
+    quantised to 1e-5 of their largest magnitude, float32; returns (data, (4, 4) affine).
+
+    The same image read from NIfTI or DICOM can differ by float rounding (1 ulp, sub-micrometre positions), and MI
+    optimisation amplifies any difference: quantised, both reads are one image, registered alike (and once).
+    """
     if data.ndim != 3:
         raise ValueError(f"data must be 3D (X, Y, Z), got shape {data.shape}")
     aff = np.asarray(affine, dtype=np.float64)
     if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
         raise ValueError("affine must be a finite 4x4 matrix")
     data, aff = canonical(data, aff)
-    # The same image read from NIfTI or DICOM can differ by float rounding (1 ulp, sub-micrometre positions), and
-    # MI optimisation amplifies any difference: quantise both (1e-5 of the range, 1e-6 mm) so they register alike.
-    aff = np.round(aff, 6)
     quantum = max(float(np.abs(data).max()), 1e-30) * 1e-5
     data = np.rint(np.asarray(data, dtype=np.float64) / quantum) * quantum
+    return np.ascontiguousarray(data, dtype=np.float32), np.round(aff, 6)
+
+
+def _image(data: np.ndarray, aff: np.ndarray):  # type: ignore[no-untyped-def]
+    """SimpleITK image of a `prepared` (X, Y, Z) array and its affine."""
+    sitk = _sitk()
     zooms = np.linalg.norm(aff[:3, :3], axis=0)
     direction = aff[:3, :3] / zooms
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
         raise ValueError("affine must have orthogonal voxel axes (no shear) for registration")
-    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0)))
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
     img.SetSpacing([float(z) for z in zooms])
     img.SetOrigin([float(v) for v in aff[:3, 3]])
     img.SetDirection([float(v) for v in direction.reshape(-1)])
@@ -169,38 +182,53 @@ def _method_text() -> bytes:
 
 
 def digest(kind: str, images: Sequence[tuple[np.ndarray, np.ndarray]], **settings: object) -> str:
-    """Content key of one registration: its kind and settings, each image's voxels (dtype, shape, bytes) and affine,
-    the text of this module (any edit of the method makes registrations again) and the libraries' versions."""
-    meta = {"kind": kind, **settings, "images": [(str(data.dtype), data.shape) for data, _ in images],
-            "libraries": cache.versions()}
+    """Content key of one registration: its kind and settings, each image as the optimiser sees it (`prepared`:
+    voxels and affine), the text of this module (any edit of the method makes registrations again) and the libraries'
+    versions. Two reads of one scan that differ only below `prepared`'s rounding share the key."""
+    return _key(kind, [prepared(data, affine) for data, affine in images], settings)
+
+
+def _key(kind: str, seen: Sequence[tuple[np.ndarray, np.ndarray]], settings: dict[str, object]) -> str:
+    meta = {"kind": kind, **settings, "images": [data.shape for data, _ in seen], "libraries": cache.versions()}
     h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     h.update(_method_text())
-    for data, affine in images:
-        h.update(np.ascontiguousarray(affine, dtype=np.float64).tobytes())
-        h.update(np.ascontiguousarray(data).tobytes())
+    for data, affine in seen:
+        h.update(affine.tobytes())
+        h.update(data.tobytes())
     return h.hexdigest()
 
 
-_IN_MEMORY: dict[str, Registration] = {}
+@dataclass(frozen=True)
+class _Solution:
+    """What the optimiser found (fixed world -> moving world) and what it cost: the part of a registration kept."""
+
+    matrix: np.ndarray
+    mutual_information: float
+    iterations: int
+    seconds: float
 
 
-def _load(path: Path) -> Registration | None:
-    """A kept registration, or None when the file is missing or unreadable (then it is made again)."""
+_IN_MEMORY: dict[str, _Solution] = {}
+
+
+def _load(path: Path) -> _Solution | None:
+    """A kept solution, or None when the file is missing or unreadable (then it is made again)."""
     try:
         record = json.loads(path.read_text())
-        matrix = np.asarray(record.pop("matrix"), dtype=np.float64)
+        matrix = np.asarray(record["matrix"], dtype=np.float64)
         if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
             return None
-        return Registration(matrix=matrix, **record)
+        return _Solution(matrix=matrix, mutual_information=float(record["mutual_information"]),
+                         iterations=int(record["iterations"]), seconds=float(record["seconds"]))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
 
 
-def _store(path: Path, result: Registration) -> None:
-    """Keep a registration in a JSON file (atomic write); a folder that cannot be written only loses the reuse. The
-    file holds the transform and its quality figures and is named by a hash: no name or header text."""
+def _store(path: Path, found: _Solution) -> None:
+    """Keep a solution in a JSON file (atomic write); a folder that cannot be written only loses the reuse. The file
+    holds the transform, its MI and cost, and is named by a hash: no name or header text."""
     try:
-        write_text(path, json.dumps({**dataclasses.asdict(result), "matrix": result.matrix.tolist()}) + "\n")
+        write_text(path, json.dumps({**dataclasses.asdict(found), "matrix": found.matrix.tolist()}) + "\n")
     except OSError:
         pass
 
@@ -208,34 +236,34 @@ def _store(path: Path, result: Registration) -> None:
 def _register(kind: str, fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
               threads: int, seed: int, iterations: int, samples: int) -> Registration:
     """Mattes-MI registration of `moving` onto `fixed` ("rigid" or "affine", initialised on the intensity
-    centroids), made once per content (the images and settings: `digest`) and then read back: from this process, else
-    from the cache folder (`common.cache`)."""
+    centroids). The optimisation is made once per content (the images as it sees them and the settings: `digest`)
+    and then read back: from this process, else from the cache folder (`common.cache`); the quality figures are
+    computed from the images given."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    key = digest(kind, [(fixed, fixed_affine), (moving, moving_affine)], threads=threads, seed=seed,
-                 iterations=iterations, samples=samples)
-    if key in _IN_MEMORY:
-        return _IN_MEMORY[key]
+    seen = [prepared(fixed, fixed_affine), prepared(moving, moving_affine)]
+    key = _key(kind, seen, {"threads": threads, "seed": seed, "iterations": iterations, "samples": samples})
+    found = _IN_MEMORY.get(key)
     folder = cache.folder("registration")
-    found = None if folder is None else _load(folder / f"{key}.json")
+    if found is None and folder is not None:
+        found = _load(folder / f"{key}.json")
     if found is None:
-        found = _compute(kind, fixed, fixed_affine, moving, moving_affine, threads, seed, iterations, samples)
+        found = _optimise(kind, _image(*seen[0]), _image(*seen[1]), threads, seed, iterations, samples)
         if folder is not None:
             _store(folder / f"{key}.json", found)
-    if len(_IN_MEMORY) >= MAX_IN_MEMORY:
+    if key not in _IN_MEMORY and len(_IN_MEMORY) >= MAX_IN_MEMORY:
         _IN_MEMORY.pop(next(iter(_IN_MEMORY)))
     _IN_MEMORY[key] = found
-    return found
+    return _result(found, fixed, fixed_affine, moving.shape, moving_affine)
 
 
-def _compute(kind: str, fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
-             threads: int, seed: int, iterations: int, samples: int) -> Registration:
+def _optimise(kind: str, fixed_img, moving_img, threads: int, seed: int, iterations: int,  # type: ignore[no-untyped-def]
+              samples: int) -> _Solution:
     import time
 
     sitk = _sitk()
     t0 = time.perf_counter()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    fixed_img, moving_img = to_sitk(fixed, fixed_affine), to_sitk(moving, moving_affine)
     transform = sitk.Euler3DTransform() if kind == "rigid" else sitk.AffineTransform(3)
     init = sitk.CenteredTransformInitializer(fixed_img, moving_img, transform,
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
@@ -245,8 +273,8 @@ def _compute(kind: str, fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.
         reg.Execute(fixed_img, moving_img)
     except RuntimeError as err:
         raise RegistrationError(f"{kind} registration failed ({' '.join(str(err).split())[:200]})") from None
-    return _result(_matrix(init), -float(reg.GetMetricValue()), fixed, fixed_affine, moving.shape, moving_affine,
-                   reg, t0)
+    return _Solution(matrix=_matrix(init), mutual_information=-float(reg.GetMetricValue()),
+                     iterations=int(reg.GetOptimizerIteration()), seconds=time.perf_counter() - t0)
 
 
 def rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray, *,
@@ -263,19 +291,17 @@ def rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, movin
     return result
 
 
-def _result(matrix: np.ndarray, mi: float, fixed: np.ndarray, fixed_affine: np.ndarray, moving_shape: Sequence[int],
-            moving_affine: np.ndarray, reg, t0: float) -> Registration:  # type: ignore[no-untyped-def]
-    import time
-
-    linear = matrix[:3, :3]
-    u, _, vt = np.linalg.svd(linear)
+def _result(found: _Solution, fixed: np.ndarray, fixed_affine: np.ndarray, moving_shape: Sequence[int],
+            moving_affine: np.ndarray) -> Registration:
+    matrix = found.matrix
+    u, _, vt = np.linalg.svd(matrix[:3, :3])
     rot = u @ vt
     angle = float(np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1.0, 1.0))))
-    return Registration(matrix=matrix, mutual_information=mi,
+    return Registration(matrix=matrix, mutual_information=found.mutual_information,
                         coverage=_coverage(fixed, fixed_affine, moving_shape, moving_affine, matrix),
                         rotation_deg=angle, translation_mm=float(np.linalg.norm(matrix[:3, 3])),
-                        shift_mm=_shift(matrix, fixed_affine, fixed.shape),
-                        iterations=int(reg.GetOptimizerIteration()), seconds=time.perf_counter() - t0)
+                        shift_mm=_shift(matrix, fixed_affine, fixed.shape), iterations=found.iterations,
+                        seconds=found.seconds)
 
 
 def _shift(matrix: np.ndarray, affine: np.ndarray, shape: Sequence[int]) -> float:
