@@ -35,7 +35,7 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _geometry(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(canonical data, origin, spacing, direction) as registration.to_sitk hands them to ITK."""
+    """(canonical data, origin, spacing, direction) in the voxel order and frame registration hands ITK."""
     data, aff = registration.canonical(data, affine)
     zooms = np.linalg.norm(aff[:3, :3], axis=0)
     return np.ascontiguousarray(data, dtype=np.float32), aff[:3, 3].copy(), zooms, aff[:3, :3] / zooms

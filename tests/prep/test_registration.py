@@ -99,7 +99,7 @@ def test_registration_of_unrelated_images_fails_quality_check() -> None:
 
 def test_registration_arguments_checked() -> None:
     with pytest.raises(ValueError, match="data"):
-        registration.to_sitk(np.zeros((4, 4)), np.eye(4))
+        registration.prepared(np.zeros((4, 4)), np.eye(4))
     with pytest.raises(ValueError, match="threads"):
         registration.rigid(np.ones((4, 4, 4)), np.eye(4), np.ones((4, 4, 4)), np.eye(4), threads=0)
     with pytest.raises(ValueError, match="registration"):

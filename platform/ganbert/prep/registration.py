@@ -67,11 +67,6 @@ def _sitk():  # type: ignore[no-untyped-def]
     return sitk
 
 
-def to_sitk(data: np.ndarray, affine: np.ndarray):  # type: ignore[no-untyped-def]
-    """(X, Y, Z) array + (4, 4) affine -> SimpleITK float32 image in the same world frame (as `prepared` gives it)."""
-    return _image(*prepared(data, affine))
-
-
 def prepared(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """An (X, Y, Z) image as registration sees it: canonical voxel order, the affine rounded to 1e-6 mm, intensities
     quantised to 1e-5 of their largest magnitude, float32; returns (data, (4, 4) affine).
@@ -91,7 +86,7 @@ def prepared(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def _image(data: np.ndarray, aff: np.ndarray):  # type: ignore[no-untyped-def]
-    """SimpleITK image of a `prepared` (X, Y, Z) array and its affine."""
+    """SimpleITK float32 image of a `prepared` (X, Y, Z) array and its affine, in the same world frame."""
     sitk = _sitk()
     zooms = np.linalg.norm(aff[:3, :3], axis=0)
     direction = aff[:3, :3] / zooms
