@@ -276,8 +276,8 @@ def _readme_job_lines() -> list[str]:
 @pytest.mark.slow
 def test_readme_job_lines_run_as_written(tmp_path: Path) -> None:
     """From the repository root, in a shell whose PATH lacks the venv: the README's activation, token, `ray start`
-    and the train submission succeed, and the job's checkpoints, model and MLflow run land in $GANBERT_HOME, not in
-    Ray's working-dir copy;
+    and the train submission succeed, the job prints `ganbert train`'s per-epoch [val] lines and no Ray Train report
+    dumps, and the job's checkpoints, model and MLflow run land in $GANBERT_HOME, not in Ray's working-dir copy;
     the head listens on loopback only and its job API refuses a job without the token.
 
     Only what cannot be shared with other Rays on this machine is changed: the dashboard port (8265) and the
@@ -330,6 +330,9 @@ def test_readme_job_lines_run_as_written(tmp_path: Path) -> None:
     assert proc.returncode == 0, log[-6000:]
     assert "succeeded" in log, log[-6000:]
     assert "HTTP 401" in log, log[-2000:]  # the job API without the token
+    # `ganbert train`'s own lines (the job's output is the command's), not Train V2's TrainingReport(...) dumps
+    assert "[val] epoch 0: val_psnr=" in log, log[-4000:]
+    assert "TrainingReport(" not in log and "Reporting training result" not in log, log[-4000:]
     assert head and all(is_loopback(address) for address, _, _ in head), head
     # `ray job submit ... -- python jobs/train.py --preset tiny`: the run's checkpoints, model and MLflow run
     storage = home / "ray" / "tiny"
