@@ -78,12 +78,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Preprocessed shards of a tiny phantom cohort (12 subjects, 3 tracers), built once per session."""
+def tiny_shards() -> str:
+    """Preprocessed shards of a tiny phantom cohort (12 subjects, 3 tracers), built once per session in the session's
+    cache, where a command run without --data (the README's job) finds them, as a user's runs/cache serves theirs."""
     from ganbert import config
-    from ganbert.prep.phantom_cache import ensure_phantom
+    from ganbert.prep.phantom_cache import data_dir_for
 
-    return str(ensure_phantom(config.tiny(), tmp_path_factory.mktemp("cache")))
+    return data_dir_for(config.tiny(), None)
 
 
 @pytest.fixture(scope="session")

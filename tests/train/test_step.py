@@ -150,10 +150,10 @@ def test_tiny_preset_learns_on_a_fixed_batch() -> None:
     seed_everything(0)
     cfg = tiny()
     nets = build_networks(cfg)
-    opt = make_optimisers(nets, cfg, 200)
+    opt = make_optimisers(nets, cfg, 120)
     b = fixed_batch()
-    hist = [gan_step([b], nets, opt, cfg) for _ in range(200)]
-    # Measured: L1 0.96 -> 0.50 (0.52x; it dips to 0.49 before the adversarial term reaches full weight); a
+    hist = [gan_step([b], nets, opt, cfg) for _ in range(120)]
+    # Measured: L1 0.96 -> 0.51 over the last 20 of 120 steps (0.53x; 0.50 after 200 steps, 0.59 after 100); a
     # generator that does not learn stays near 0.96. Mean of the last 20 steps: one noisy step cannot decide.
     late_l1 = sum(h["l1"] for h in hist[-20:]) / 20
     assert late_l1 <= 0.6 * hist[0]["l1"], (hist[0]["l1"], late_l1)

@@ -20,13 +20,18 @@ CACHE_ENV = "GANBERT_CACHE"  # a folder, or "off" (nothing kept: the benchmarks,
 LIBRARIES = ("numpy", "scipy", "nilearn", "nibabel", "SimpleITK")
 
 
-def folder(name: str) -> Path | None:
-    """<cache>/<name>: $GANBERT_CACHE/<name>, else <home>/cache/<name> (./runs/cache/<name>); None when
-    $GANBERT_CACHE is "off"."""
-    root = os.environ.get(CACHE_ENV)
-    if root == "off":
+def root() -> Path | None:
+    """The cache: $GANBERT_CACHE, else <home>/cache (./runs/cache); None when $GANBERT_CACHE is "off"."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen == "off":
         return None
-    return (Path(root).expanduser() if root else home.home() / "cache") / name
+    return Path(chosen).expanduser() if chosen else home.home() / "cache"
+
+
+def folder(name: str) -> Path | None:
+    """<cache>/<name> (`root`); None when $GANBERT_CACHE is "off"."""
+    place = root()
+    return None if place is None else place / name
 
 
 def versions() -> list[str]:

@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ganbert.common import home
+from ganbert.common import cache, home
 from ganbert.common.atomic import write_text
 from ganbert.config import TRACERS, Config, GeometryConfig
 from ganbert.ingest import phantom
@@ -59,7 +59,9 @@ def ensure_phantom(cfg: Config, cache_root: Path, subjects: int = 12, seed: int 
 
 
 def data_dir_for(cfg: Config, data: str | None) -> str:
-    """`--data`, else a phantom cohort of the config's geometry built and cached on first use."""
+    """`--data`, else a phantom cohort of the config's geometry built on first use and kept in the cache
+    (`common.cache.root`: $GANBERT_CACHE, else <home>/cache; <home>/cache when the cache is "off", as shards must be
+    written somewhere)."""
     if data:
         return home.resolve(data)
-    return str(ensure_phantom(cfg, home.home() / "cache"))
+    return str(ensure_phantom(cfg, cache.root() or home.home() / "cache"))
