@@ -1,4 +1,4 @@
-"""`ganbert study`: rows from a study YAML or a Tune grid, the paired table, and a real 3-fold tiny study (local Ray,
+"""`ganbert study`: rows from a study YAML or a Tune grid, the paired table, and a real 2-fold tiny study (local Ray,
 SQLite MLflow) whose numbers are recomputed from study.json alone."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _spy_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     return events
 
 
-def test_three_fold_tiny_study_end_to_end(tiny_shards: str, tmp_path: Path, local_ray: None,
+def test_two_fold_tiny_study_end_to_end(tiny_shards: str, tmp_path: Path, local_ray: None,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     space = tmp_path / "small.yaml"
     space.write_text("study:\n  tracers: [AV45]\n  rows:\n    - {name: mean-PET, baseline: mean-pet}\n"
@@ -120,7 +120,7 @@ def test_three_fold_tiny_study_end_to_end(tiny_shards: str, tmp_path: Path, loca
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("GANBERT_HOME", str(tmp_path / "home"))
     events = _spy_reads(monkeypatch)
-    args = ["study", "--space", str(space), "--folds", "3", "--data", tiny_shards, "--tracking-uri", uri,
+    args = ["study", "--space", str(space), "--folds", "2", "--data", tiny_shards, "--tracking-uri", uri,
             "--external", f"again={tiny_shards}", "--bootstrap", "2000", "--preset", "tiny", "optim.epochs=1",
             "run.experiment=st", f"run.storage={(tmp_path / 'ray').as_uri()}"]  # storage as a URI, read back as one
     assert cli_main(args) == 0
@@ -134,7 +134,7 @@ def test_three_fold_tiny_study_end_to_end(tiny_shards: str, tmp_path: Path, loca
     pool = {r["subject"] for r in manifest["rows"] if r["split"] != "test" and r["tracer"] == "AV45"}
     test = {r["subject"] for r in manifest["rows"] if r["split"] == "test" and r["tracer"] == "AV45"}
     made = [folds.Fold.from_dict(f) for f in result["fold_subjects"]]
-    assert made == folds.ensure(tiny_shards, 3, 0, 64)
+    assert made == folds.ensure(tiny_shards, 2, 0, 64)
     for row, seed in (("mean-PET", None), ("L1-only U-Net", 0)):
         cv = [r for r in result["subjects"] if r["set"] == "cv" and r["row"] == row and r["seed"] == seed]
         assert sorted(r["subject"] for r in cv) == sorted(pool)
@@ -144,7 +144,7 @@ def test_three_fold_tiny_study_end_to_end(tiny_shards: str, tmp_path: Path, loca
     # the locked test split is read only after the last fold of the last row is trained
     fits = [i for i, e in enumerate(events) if e[0] == "fit"]
     tests = [i for i, e in enumerate(events) if e == ("read", "test")]
-    assert len(fits) == 3 and tests and min(tests) > max(fits)
+    assert len(fits) == 2 and tests and min(tests) > max(fits)
     assert {e[1] for e in events[: max(fits)] if e[0] == "read"} <= {"train", "val", "held_out"}
 
     # the paired numbers recomputed from study.json's per-subject values alone
@@ -175,7 +175,7 @@ def test_three_fold_tiny_study_end_to_end(tiny_shards: str, tmp_path: Path, loca
     assert all(r.info.status == "FINISHED" for r in children + [parent])
     cells = {(r.data.tags["ganbert.row"], r.data.tags["fold"], r.data.tags["seed"]) for r in children}
     assert cells == {(row, f, seed) for row, seed in (("mean-PET", "none"), ("L1-only U-Net", "0"))
-                     for f in ("0", "1", "2", "ensemble")}
+                     for f in ("0", "1", "ensemble")}
     l1_fold = next(r for r in children if r.data.tags["fold"] == "1" and r.data.tags["ganbert.row"] != "mean-PET")
     assert "oof_psnr" in l1_fold.data.metrics and "val_psnr" in l1_fold.data.metrics
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"study.md", "study.json", "forest-cv.png"}
@@ -186,7 +186,7 @@ def test_three_fold_tiny_study_end_to_end(tiny_shards: str, tmp_path: Path, loca
     # every fold model's card carries its row's locked-test figures (the ensemble's mean and interval)
     l1 = next(c for c in result["cells"] if c["row"] == "L1-only U-Net")
     test_psnr = result["summaries"]["test"]["AV45"]["L1-only U-Net"]["psnr"]
-    assert len(l1["models"]) == 3
+    assert len(l1["models"]) == 2
     for model in l1["models"]:
         card = json.loads((Path(model.removeprefix("file://")) / "metadata.json").read_text())
         assert card["metrics"]["split"] == "test" and card["metrics"]["n"] == len(test)
