@@ -92,9 +92,8 @@ def test_bad_requests_raise_clear_errors(tiny_run, tmp_path: Path) -> None:
 
 
 def test_ensure_phantom_builds_once_then_reuses(tiny_shards: str) -> None:
-    from ganbert.prep.phantom_cache import ensure_phantom
-
     from ganbert.common import cache
+    from ganbert.prep.phantom_cache import ensure_phantom
 
     data = Path(tiny_shards)
     assert data.parent.parent == cache.root()  # built by `data_dir_for` in $GANBERT_CACHE
