@@ -46,6 +46,9 @@ def test_cli_tune_logs_child_runs_with_metrics_and_a_rerun_resumes(tmp_path: Pat
         assert {"val_psnr", "val_ssim", "val_rmse"} <= set(child.data.metrics)
         assert child.data.params["sequence.pet_mask_ratio"] in ("0.1", "0.25")
         assert child.info.status == "FINISHED"
+    # the two trials trained at the same time: each child run (opened by its Train worker) began before the other ended
+    spans = [(r.info.start_time, r.info.end_time) for r in children]
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
 
     again = run_sweep(space, cfg, tiny_shards, mlflow_server, max_concurrent=2)   # restores, runs nothing new
     assert len(again) == 2 and again.num_errors == 0

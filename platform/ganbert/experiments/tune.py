@@ -23,6 +23,11 @@ from ganbert.prep.phantom_cache import data_dir_for
 from ganbert.track.tracking import MLflowTracker, end_open_run, find_run, link_model, set_runs_view
 from ganbert.train.loop import fit
 
+# What a trial (the driver of one Train run, which only waits) asks of Ray: no CPU, so that N one-CPU trials fit on N
+# CPUs (with 0.01 CPU each, a 2-CPU Ray ran two one-worker trials one after the other). Tune must place the trial
+# with some resource, so it asks for 1 MiB of Ray's `memory` resource, which every node has.
+TRIAL_DRIVER = {"CPU": 0, "memory": 2**20}
+
 
 def trial_config(base: Config, swept: dict[str, Any], sweep: str, trial_id: str) -> Config:
     """The run config of one trial: base + swept overrides, its own run name under the sweep's storage."""
@@ -106,7 +111,7 @@ def run_sweep(space_path: str | Path, cfg: Config, data_dir: str, tracking_uri: 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), sweep=name, data_dir=data_dir,
                              tracking_uri=tracking_uri, parent_run_id=parent.run_id),
-        {"CPU": 0.01})  # the driver only waits: the CPUs go to the Train workers
+        TRIAL_DRIVER)
     path = home.join(storage, name)
     ends = RunEnds(tracking_uri, cfg.run.experiment, name, cfg)
     if tune.Tuner.can_restore(path):
