@@ -57,33 +57,24 @@ def test_cli_tune_logs_child_runs_with_metrics_and_a_rerun_resumes(tmp_path: Pat
 
 
 @pytest.fixture
-def free_stopped_trials(local_ray: None) -> Iterator[None]:
-    """After the test, remove the placement groups left on the session Ray and wait for its CPUs to be free. The
-    session Ray has no dashboard, so Ray Train's placement-group cleaner cannot ask the State API whether a stopped
-    trial's controller is gone: the worker group of the trial ASHA stops keeps its placement group (1 CPU) reserved
-    (seen here: a 2-worker run of a later test then waited for ever). `ganbert tune` starts its Ray with the
-    dashboard, where the cleaner frees it (README, "Resume"); on a Ray without one the sweep warns first. Removing a
-    placement group ends the actors placed in it."""
-    import time
-
+def restart_ray_after(local_ray: None) -> Iterator[None]:
+    """Restart the session's Ray after the test. The session Ray has no dashboard, so Ray Train's placement-group
+    cleaner cannot ask the State API whether a stopped trial's controller is gone: the worker group of the trial
+    ASHA stops keeps its placement group (1 CPU) reserved (seen here: a 2-worker run of a later test then waited for
+    ever). `ganbert tune` starts its Ray with the dashboard, where the cleaner frees it (README, "Resume"); on a
+    Ray without one the sweep warns first."""
     import ray
-    from ray._raylet import PlacementGroupID
-    from ray.util import placement_group_table, remove_placement_group
-    from ray.util.placement_group import PlacementGroup
+
+    from ganbert.common.raysession import ensure_ray
 
     yield
-    for pg_id, entry in placement_group_table().items():
-        if entry["state"] != "REMOVED":
-            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
-    deadline = time.monotonic() + 60
-    while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources()["CPU"]:
-        assert time.monotonic() < deadline, f"CPUs still held: {ray.available_resources()}"
-        time.sleep(0.2)
+    ray.shutdown()
+    ensure_ray(num_cpus=2)
 
 
 @pytest.mark.slow
 def test_asha_stopped_trial_ends_killed_and_the_finished_one_finished(tmp_path: Path, tiny_shards: str,
-                                                                       free_stopped_trials: None,
+                                                                       restart_ray_after: None,
                                                                        mlflow_server: str,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """ASHA stops the second of two sequential trials at its first rung: its MLflow run ends KILLED, never RUNNING.
