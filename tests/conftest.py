@@ -20,15 +20,33 @@ from uninterrupted import UNINTERRUPTED, Uninterrupted
 
 # a Ray that the code under test starts itself (`ensure_ray`) has the session Ray's 2 CPUs
 os.environ.setdefault("GANBERT_NUM_CPUS", "2")
-# One cache (registrations, MNI152 maps) for the session, as a user's $GANBERT_HOME/cache serves all of their runs: a
-# T1 that several tests preprocess or check (the phantom cohort's) is registered once. Fresh per session, never the
-# developer's own; set before any Ray starts, so workers, CLI subprocesses and `ray start` heads inherit it.
-_CACHE = tempfile.mkdtemp(prefix="ganbert-test-cache-")
-os.environ["GANBERT_CACHE"] = _CACHE
+# One cache (registrations, MNI152 maps, the tiny phantom) for the session, as a user's $GANBERT_HOME/cache serves all
+# of their runs: a T1 that several tests preprocess or check (the phantom cohort's) is registered once. Fresh per
+# session, never the developer's own; made by the main pytest process and shared by its xdist workers (`make test`
+# runs two), set before any Ray starts, so workers, CLI subprocesses and `ray start` heads inherit it.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+_CACHE = os.environ["GANBERT_TEST_CACHE"] if _WORKER else tempfile.mkdtemp(prefix="ganbert-test-cache-")
+os.environ["GANBERT_TEST_CACHE"] = os.environ["GANBERT_CACHE"] = _CACHE
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(_CACHE, ignore_errors=True)
+    if not _WORKER:
+        shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+# The longest files (`--durations`, with their fixtures), longest first, except that the second one needs no phantom
+# shards: the first file's worker builds them meanwhile.
+LONGEST_FIRST = ("experiments/test_tune.py", "serve/test_synthesize.py", "test_multinode.py", "test_jobs.py",
+                 "train/test_train_loop.py", "experiments/test_study.py", "ingest/test_dicom.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist (`make test`: two workers, each taking whole files in this order), the longest files go first and
+    the many short ones last, so that neither worker starts a long file while the other has nothing left to do."""
+    if _WORKER:
+        here = Path(__file__).parent
+        rank = {here / name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path, len(rank)))
 
 # The data stages' fixtures (tiny phantom cohort, shards, bad inputs) that tests/ingest, prep and store use.
 pytest_plugins = ["data_fixtures"]

@@ -19,11 +19,21 @@ PORT_RANGE = (20000, 32768)
 _handed: set[int] = set()
 
 
+def _share() -> tuple[int, int]:
+    """PORT_RANGE, or under xdist this worker's own slice of it (two workers never hand out the same port)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw"):
+        return PORT_RANGE
+    size = (PORT_RANGE[1] - PORT_RANGE[0]) // count
+    low = PORT_RANGE[0] + int(worker[2:]) * size
+    return low, low + size
+
+
 def free_port() -> int:
     """A TCP port that is free now on every interface, never handed out before in this process."""
     rng = random.Random()
     for _ in range(2000):
-        port = rng.randrange(*PORT_RANGE)
+        port = rng.randrange(*_share())
         if port in _handed:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -33,7 +43,7 @@ def free_port() -> int:
                 continue
         _handed.add(port)
         return port
-    raise RuntimeError(f"no free TCP port in {PORT_RANGE}")
+    raise RuntimeError(f"no free TCP port in {_share()}")
 
 
 def session_members(sid: int) -> list[tuple[int, str]]:

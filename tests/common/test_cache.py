@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,40 @@ def test_an_unreadable_file_is_made_again_and_off_keeps_nothing(kept: Path, tmp_
     cache.arrays("things", _builder(calls), [])
     cache.arrays("things", _builder(calls), [])
     assert len(calls) == 4 and cache.folder("things") is None
+
+
+MAKER = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from ganbert.common import cache
+go, log = Path(sys.argv[1]), Path(sys.argv[2])
+Path(sys.argv[3]).touch()
+while not go.exists():
+    time.sleep(0.01)
+def build():
+    with log.open("a") as f:
+        f.write("made\\n")
+    time.sleep(1.0)
+    return {"a": np.arange(4)}
+print(int(cache.arrays("things", build, [], size=2)["a"].sum()))
+"""
+
+
+def test_two_processes_that_need_the_same_arrays_make_them_once(kept: Path, tmp_path: Path) -> None:
+    """Both ask at the same moment; the second waits for the first's arrays instead of making them too."""
+    go, log = tmp_path / "go", tmp_path / "made.log"
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", MAKER, str(go), str(log), str(r)], stdout=subprocess.PIPE,
+                              text=True) for r in ready]
+    deadline = time.monotonic() + 60
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and [o.strip() for o in outs] == ["6", "6"], outs
+    assert log.read_text() == "made\n"
+    assert len(list(kept.iterdir())) == 1
 
 
 def test_the_kept_template_is_the_one_nilearn_makes() -> None:

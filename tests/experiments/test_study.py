@@ -112,6 +112,7 @@ def _spy_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     return events
 
 
+@pytest.mark.slow
 def test_two_fold_tiny_study_end_to_end(tiny_shards: str, tmp_path: Path, local_ray: None,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     space = tmp_path / "small.yaml"

@@ -9,10 +9,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from ganbert.common import cache
 from ganbert.ingest import adni, dicom, phantom
 from ganbert.ingest.nifti import VolumeError
-from ganbert.prep import preprocess
+from ganbert.prep import preprocess, registration
 from ganbert.store import loader
 
 AFFINE = np.array([[-2.0, 0, 0, 50], [0, 1.5, 0, -60], [0, 0, 3, -40], [0, 0, 0, 1]])
@@ -105,8 +104,8 @@ def test_malformed_series_rejected_with_reason(case: str, tmp_path: Path) -> Non
 @pytest.fixture(scope="module")
 def dicom_run(tmp_path_factory: pytest.TempPathFactory, tiny_cfg,
               local_ray: None) -> tuple[Path, Path, Path, Path, set[str]]:
-    """The same 3-subject cohort written as NIfTI and as DICOM, then six DICOM scans broken; all three preprocessed.
-    Also returned: the registrations (cache files) that preprocessing the DICOM cohort made after the NIfTI one."""
+    """The same 3-subject cohort written as NIfTI and as DICOM, then six DICOM scans broken; all three preprocessed:
+    (out_nii, out_dcm, out_bad, dcm, nii)."""
     base = tmp_path_factory.mktemp("dicom")
     nii = phantom.write_cohort(base / "nii", 3, ("AV45", "FDG"), "tiny", 5)
     dcm = phantom.write_cohort(base / "dcm", 3, ("AV45", "FDG"), "tiny", 5, fmt="dicom")
@@ -120,17 +119,9 @@ def dicom_run(tmp_path_factory: pytest.TempPathFactory, tiny_cfg,
     shutil.rmtree(bad / ".scratch", ignore_errors=True)
     out_nii, out_dcm, out_bad = base / "out_nii", base / "out_dcm", base / "out_bad"
     preprocess.run(nii, out_nii, tiny_cfg)
-    kept = cache.folder("registration")
-    assert kept is not None
-
-    def made() -> set[str]:
-        return {p.name for p in kept.iterdir()}
-
-    before = made()
     preprocess.run(dcm, out_dcm, tiny_cfg)
-    made_by_dicom = made() - before
     preprocess.run(bad, out_bad, tiny_cfg)
-    return out_nii, out_dcm, out_bad, dcm, made_by_dicom
+    return out_nii, out_dcm, out_bad, dcm, nii
 
 
 def _rows(out: Path) -> list[dict]:
@@ -139,10 +130,16 @@ def _rows(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_dicom_cohort_gives_the_nifti_shards(dicom_run) -> None:
-    """The same shards, and no registration made again: the DICOM read of a scan is the NIfTI read to the optimiser
-    (`registration.prepared`), so its T1 QC and PET-to-T1 registrations are read back."""
-    out_nii, out_dcm, _, _, made_by_dicom = dicom_run
-    assert made_by_dicom == set()
+    """The same shards, and no registration made again: the DICOM read of every T1 and PET is its NIfTI read as the
+    optimiser sees it (`registration.prepared`: voxels and affine), so the registrations of the DICOM run (T1 to
+    template, PET to T1) have the NIfTI run's keys and are read back from the cache."""
+    out_nii, out_dcm, _, dcm, nii = dicom_run
+    scans = {root: {s.image_id: s for s in adni.ingest(root, 365).scans} for root in (nii, dcm)}
+    assert scans[nii].keys() == scans[dcm].keys() and len(scans[nii]) == 9
+    for image_id, scan in scans[nii].items():
+        a, b = (dicom.read_any(root / scans[root][image_id].files[0]) for root in (nii, dcm))
+        seen = [registration.prepared(v.data.mean(axis=3) if v.data.ndim == 4 else v.data, v.affine) for v in (a, b)]
+        assert np.array_equal(seen[0][0], seen[1][0]) and np.array_equal(seen[0][1], seen[1][1]), (image_id, scan.kind)
     a, b = _rows(out_nii), _rows(out_dcm)
     assert [(r["split"], r["pet_image_id"], r["mri_image_id"]) for r in a] == \
         [(r["split"], r["pet_image_id"], r["mri_image_id"]) for r in b]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import os
 import zipfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -34,6 +36,31 @@ def folder(name: str) -> Path | None:
     return None if place is None else place / name
 
 
+@contextmanager
+def making(name: str, key: str) -> Iterator[None]:
+    """Held while this process makes the result `key` of <cache>/<name>: another process about to make the same one
+    (a Ray Data task on another tracer of the subject, a second preprocess run) waits here, then finds it kept.
+
+    The lock is the file <cache>/.locks/<name>-<key>; with the cache "off" or not writable, nothing is held.
+    """
+    place = root()
+    handle = None
+    if place is not None:
+        try:
+            (place / ".locks").mkdir(parents=True, exist_ok=True)
+            handle = (place / ".locks" / f"{name}-{key}").open("a")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            if handle is not None:
+                handle.close()
+            handle = None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
 def versions() -> list[str]:
     """The installed versions of the libraries whose results are kept (a new one makes them again)."""
     return [f"{name}=={metadata.version(name)}" for name in LIBRARIES]
@@ -51,18 +78,30 @@ def arrays(name: str, build: Callable[[], dict[str, np.ndarray]], sources: Seque
         h.update(Path(source).read_bytes())
     place = folder(name)
     path = None if place is None else place / f"{h.hexdigest()}.npz"
-    if path is not None:
-        try:
-            with np.load(path, allow_pickle=False) as kept:
-                return {k: kept[k] for k in kept.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-            pass
-    made = build()
-    if path is not None:
-        buf = io.BytesIO()
-        np.savez(buf, **made)
-        try:
-            write_bytes(path, buf.getvalue())
-        except OSError:
-            pass
+    kept = _read(path)
+    if kept is not None:
+        return kept
+    with making(name, h.hexdigest()):
+        kept = _read(path)  # made by another process while this one waited
+        if kept is not None:
+            return kept
+        made = build()
+        if path is not None:
+            buf = io.BytesIO()
+            np.savez(buf, **made)
+            try:
+                write_bytes(path, buf.getvalue())
+            except OSError:
+                pass
     return made
+
+
+def _read(path: Path | None) -> dict[str, np.ndarray] | None:
+    """The arrays kept at `path`, or None when there is none or it cannot be read (then they are made again)."""
+    if path is None:
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as kept:
+            return {k: kept[k] for k in kept.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None

@@ -8,7 +8,8 @@ here maps a point of the fixed image's world (the T1) to the moving image's worl
 A registration is optimised once per content (both images as the optimiser sees them, and the settings) and kept: in
 the process and as a small JSON file in `$GANBERT_HOME/cache/registration` (`$GANBERT_CACHE`), so the tracers of one
 subject, a rerun, another preset's preprocessing, synthesis of the same T1 and the NIfTI and DICOM reads of one scan
-read the one result back.
+read the one result back. A process that needs a registration another process is making waits for it
+(`common.cache.making`) rather than making it too.
 """
 
 from __future__ import annotations
@@ -243,9 +244,12 @@ def _register(kind: str, fixed: np.ndarray, fixed_affine: np.ndarray, moving: np
     if found is None and folder is not None:
         found = _load(folder / f"{key}.json")
     if found is None:
-        found = _optimise(kind, _image(*seen[0]), _image(*seen[1]), threads, seed, iterations, samples)
-        if folder is not None:
-            _store(folder / f"{key}.json", found)
+        with cache.making("registration", key):  # a process making the same registration finishes it first
+            found = None if folder is None else _load(folder / f"{key}.json")
+            if found is None:
+                found = _optimise(kind, _image(*seen[0]), _image(*seen[1]), threads, seed, iterations, samples)
+                if folder is not None:
+                    _store(folder / f"{key}.json", found)
     if key not in _IN_MEMORY and len(_IN_MEMORY) >= MAX_IN_MEMORY:
         _IN_MEMORY.pop(next(iter(_IN_MEMORY)))
     _IN_MEMORY[key] = found
