@@ -22,7 +22,7 @@ from uninterrupted import UNINTERRUPTED, Uninterrupted
 os.environ.setdefault("GANBERT_NUM_CPUS", "2")
 # One OpenMP thread per process (torch's intra-op pool), as Ray gives each worker one per CPU: the two test workers,
 # their Rays and CLI subprocesses already fill the two cores, and more threads only spin against each other (the
-# suite took 5 % less CPU with one). Set before torch loads; every process the tests start inherits it.
+# test workers took 13 % less CPU with one). Set before torch loads; every process the tests start inherits it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # One cache (registrations, MNI152 maps, the tiny phantom) for the session, as a user's $GANBERT_HOME/cache serves all
 # of their runs: a T1 that several tests preprocess or check (the phantom cohort's) is registered once. Fresh per
